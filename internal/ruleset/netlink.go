@@ -1,0 +1,291 @@
+package ruleset
+
+import (
+	"encoding/binary"
+	"fmt"
+
+	"github.com/google/nftables"
+	"github.com/google/nftables/binaryutil"
+	"github.com/google/nftables/expr"
+	"github.com/google/nftables/userdata"
+	"golang.org/x/sys/unix"
+
+	"github.com/nftlb/nftlb/internal/vip"
+)
+
+// batch is the part of *nftables.Conn that queues messages. Nothing here
+// reaches the kernel: the caller decides when to Flush.
+type batch interface {
+	AddTable(*nftables.Table) *nftables.Table
+	DelTable(*nftables.Table)
+	AddChain(*nftables.Chain) *nftables.Chain
+	DelChain(*nftables.Chain)
+	FlushChain(*nftables.Chain)
+	AddRule(*nftables.Rule) *nftables.Rule
+	AddSet(*nftables.Set, []nftables.SetElement) error
+	DelSet(*nftables.Set)
+	FlushSet(*nftables.Set)
+	SetAddElements(*nftables.Set, []nftables.SetElement) error
+	SetDeleteElements(*nftables.Set, []nftables.SetElement) error
+	AddObj(nftables.Obj) nftables.Obj
+	DeleteObject(nftables.Obj)
+}
+
+// queue adds the plan's messages to b in an order the kernel accepts within
+// one transaction: references are removed before what they point at, and
+// objects exist before anything points at them.
+func queue(b batch, prev, next *Table, plan Plan) error {
+	if plan.Full {
+		if prev != nil && prev.Name != next.Name {
+			b.DelTable(nlTable(prev.Name))
+		}
+		return queueFull(b, next)
+	}
+	tbl := nlTable(next.Name)
+	svc := servicesSet(tbl)
+	var delKeys, addKeys []nftables.SetElement
+	for _, c := range plan.Pools {
+		if c.Old != nil && (c.New == nil || c.Dispatch) {
+			delKeys = append(delKeys, c.Old.dispatchElement())
+		}
+		if c.New != nil && c.Dispatch {
+			addKeys = append(addKeys, c.New.dispatchElement())
+		}
+	}
+	if len(delKeys) > 0 {
+		if err := b.SetDeleteElements(svc, delKeys); err != nil {
+			return fmt.Errorf("delete dispatch elements: %w", err)
+		}
+	}
+	for _, c := range plan.Pools {
+		var err error
+		switch {
+		case c.New == nil:
+			queuePoolDelete(b, tbl, c.Old)
+		case c.Old == nil:
+			err = queuePoolAdd(b, tbl, c.New)
+		default:
+			err = queuePoolUpdate(b, tbl, c)
+		}
+		if err != nil {
+			return fmt.Errorf("pool %s: %w", c.Name, err)
+		}
+	}
+	if len(addKeys) > 0 {
+		if err := b.SetAddElements(svc, addKeys); err != nil {
+			return fmt.Errorf("add dispatch elements: %w", err)
+		}
+	}
+	if plan.Masquerade {
+		post := &nftables.Chain{Name: chainPost, Table: tbl}
+		b.FlushChain(post)
+		if next.Masquerade {
+			b.AddRule(masqRule(post))
+		}
+	}
+	return nil
+}
+
+// queueFull replaces the table in one transaction. AddTable first makes
+// DelTable safe when no table exists (a failed DelTable fails the batch),
+// and because it is one transaction no packet ever sees an empty table.
+func queueFull(b batch, t *Table) error {
+	tbl := nlTable(t.Name)
+	b.AddTable(tbl)
+	b.DelTable(tbl)
+	b.AddTable(tbl)
+	for i := range t.Pools {
+		if err := queuePoolAdd(b, tbl, &t.Pools[i]); err != nil {
+			return fmt.Errorf("pool %s: %w", t.Pools[i].Name, err)
+		}
+	}
+	svc := servicesSet(tbl)
+	var els []nftables.SetElement
+	for i := range t.Pools {
+		els = append(els, t.Pools[i].dispatchElement())
+	}
+	if err := b.AddSet(svc, els); err != nil {
+		return fmt.Errorf("services map: %w", err)
+	}
+	accept := nftables.ChainPolicyAccept
+	pre := b.AddChain(&nftables.Chain{Name: chainPrerouting, Table: tbl, Type: nftables.ChainTypeNAT,
+		Hooknum: nftables.ChainHookPrerouting, Priority: nftables.ChainPriorityNATDest, Policy: &accept})
+	out := b.AddChain(&nftables.Chain{Name: chainOutput, Table: tbl, Type: nftables.ChainTypeNAT,
+		Hooknum: nftables.ChainHookOutput, Priority: nftables.ChainPriorityNATDest, Policy: &accept})
+	post := b.AddChain(&nftables.Chain{Name: chainPost, Table: tbl, Type: nftables.ChainTypeNAT,
+		Hooknum: nftables.ChainHookPostrouting, Priority: nftables.ChainPriorityNATSource, Policy: &accept})
+	b.AddRule(dispatchRule(pre, svc, OwnerComment))
+	b.AddRule(dispatchRule(out, svc, ""))
+	if t.Masquerade {
+		b.AddRule(masqRule(post))
+	}
+	return nil
+}
+
+func queuePoolAdd(b batch, tbl *nftables.Table, p *Pool) error {
+	b.AddObj(counterObj(tbl, p))
+	m := poolMap(tbl, p)
+	if err := b.AddSet(m, p.mapElements32()); err != nil {
+		return fmt.Errorf("map %s: %w", m.Name, err)
+	}
+	ch := b.AddChain(&nftables.Chain{Name: p.Chain(), Table: tbl})
+	b.AddRule(poolRule(ch, m, p))
+	return nil
+}
+
+func queuePoolUpdate(b batch, tbl *nftables.Table, c PoolChange) error {
+	m := poolMap(tbl, c.New)
+	if c.Slots {
+		b.FlushSet(m)
+		if els := c.New.mapElements32(); len(els) > 0 {
+			if err := b.SetAddElements(m, els); err != nil {
+				return fmt.Errorf("map %s: %w", m.Name, err)
+			}
+		}
+	}
+	if c.Rule {
+		ch := &nftables.Chain{Name: c.New.Chain(), Table: tbl}
+		b.FlushChain(ch)
+		b.AddRule(poolRule(ch, m, c.New))
+	}
+	return nil
+}
+
+func queuePoolDelete(b batch, tbl *nftables.Table, p *Pool) {
+	ch := &nftables.Chain{Name: p.Chain(), Table: tbl}
+	b.FlushChain(ch) // the rule holds references to the map and the counter
+	b.DelChain(ch)
+	b.DelSet(poolMap(tbl, p))
+	b.DeleteObject(counterObj(tbl, p))
+}
+
+func nlTable(name string) *nftables.Table {
+	return &nftables.Table{Name: name, Family: nftables.TableFamilyIPv4}
+}
+
+func servicesSet(tbl *nftables.Table) *nftables.Set {
+	return &nftables.Set{
+		Table: tbl, Name: servicesMap, IsMap: true, Concatenation: true,
+		KeyType:  nftables.MustConcatSetType(nftables.TypeIPAddr, nftables.TypeInetProto, nftables.TypeInetService),
+		DataType: nftables.TypeVerdict,
+	}
+}
+
+// poolMap: keys are numgen/jhash results, which the kernel writes in host
+// byte order; NativeEndian key order also makes `nft list` print 0, 1, 2.
+func poolMap(tbl *nftables.Table, p *Pool) *nftables.Set {
+	return &nftables.Set{
+		Table: tbl, Name: p.Map(), IsMap: true,
+		KeyType:      nftables.TypeInteger,
+		KeyByteOrder: binaryutil.NativeEndian,
+		DataType:     nftables.MustConcatSetType(nftables.TypeIPAddr, nftables.TypeInetService),
+	}
+}
+
+func counterObj(tbl *nftables.Table, p *Pool) *nftables.NamedObj {
+	return &nftables.NamedObj{Table: tbl, Name: p.Counter(), Type: nftables.ObjTypeCounter, Obj: &expr.Counter{}}
+}
+
+func protoNum(p vip.Protocol) byte {
+	if p == vip.UDP {
+		return unix.IPPROTO_UDP
+	}
+	return unix.IPPROTO_TCP
+}
+
+// dispatchElement is vip . l4proto . port; each field of a concatenation
+// is padded to 4 bytes.
+func (p *Pool) dispatchElement() nftables.SetElement {
+	key := make([]byte, 12)
+	copy(key[0:4], p.VIP.AsSlice())
+	key[4] = protoNum(p.Protocol)
+	binary.BigEndian.PutUint16(key[8:10], p.Port)
+	return nftables.SetElement{Key: key, VerdictData: &expr.Verdict{Kind: expr.VerdictGoto, Chain: p.Chain()}}
+}
+
+// mapElements32: slot (host-endian u32) -> address . port (big-endian port
+// padded to 4 bytes), the layout dnat reads from two registers.
+func (p *Pool) mapElements32() []nftables.SetElement {
+	els := make([]nftables.SetElement, len(p.Slots))
+	for i, s := range p.Slots {
+		val := make([]byte, 8)
+		copy(val[0:4], s.Addr().AsSlice())
+		binary.BigEndian.PutUint16(val[4:6], s.Port())
+		els[i] = nftables.SetElement{Key: binaryutil.NativeEndian.PutUint32(uint32(i)), Val: val}
+	}
+	return els
+}
+
+// dispatchRule: ip daddr . meta l4proto . th dport vmap @services. The
+// concatenation lives in consecutive 32-bit registers starting at reg 1.
+func dispatchRule(ch *nftables.Chain, svc *nftables.Set, comment string) *nftables.Rule {
+	r := &nftables.Rule{Table: ch.Table, Chain: ch, Exprs: []expr.Any{
+		&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: 16, Len: 4},
+		&expr.Meta{Key: expr.MetaKeyL4PROTO, Register: unix.NFT_REG32_01},
+		&expr.Payload{DestRegister: unix.NFT_REG32_02, Base: expr.PayloadBaseTransportHeader, Offset: 2, Len: 2},
+		&expr.Lookup{SourceRegister: 1, SetName: svc.Name, SetID: svc.ID, IsDestRegSet: true, DestRegister: 0},
+	}}
+	if comment != "" {
+		r.UserData = userdata.AppendString(nil, userdata.TypeComment, comment)
+	}
+	return r
+}
+
+// masqRule: meta mark & MasqMark != 0 masquerade. NAT chains only see a
+// connection's first packet, so the packet mark set there is enough.
+func masqRule(ch *nftables.Chain) *nftables.Rule {
+	return &nftables.Rule{Table: ch.Table, Chain: ch, Exprs: []expr.Any{
+		&expr.Meta{Key: expr.MetaKeyMARK, Register: 1},
+		&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 4,
+			Mask: binaryutil.NativeEndian.PutUint32(MasqMark), Xor: make([]byte, 4)},
+		&expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: make([]byte, 4)},
+		&expr.Masq{},
+	}}
+}
+
+func l4protoIs(p vip.Protocol) []expr.Any {
+	return []expr.Any{
+		&expr.Meta{Key: expr.MetaKeyL4PROTO, Register: 1},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{protoNum(p)}},
+	}
+}
+
+// poolRule is the pool chain's one rule: mark, count, then dnat through the
+// pool map, or refuse at once when the pool has no usable backend (a reset
+// tells a client to try elsewhere; silence would make it wait for a timeout).
+func poolRule(ch *nftables.Chain, m *nftables.Set, p *Pool) *nftables.Rule {
+	counter := &expr.Objref{Type: int(nftables.ObjTypeCounter), Name: p.Counter()}
+	r := &nftables.Rule{Table: ch.Table, Chain: ch}
+	if len(p.Slots) == 0 {
+		r.Exprs = append([]expr.Any{counter}, l4protoIs(p.Protocol)...)
+		if p.Protocol == vip.UDP {
+			r.Exprs = append(r.Exprs, &expr.Reject{Type: unix.NFT_REJECT_ICMP_UNREACH, Code: 3 /* ICMP port unreachable */})
+		} else {
+			r.Exprs = append(r.Exprs, &expr.Reject{Type: unix.NFT_REJECT_TCP_RST})
+		}
+		return r
+	}
+	r.Exprs = []expr.Any{
+		&expr.Meta{Key: expr.MetaKeyMARK, Register: 1},
+		&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 4,
+			Mask: binaryutil.NativeEndian.PutUint32(^MasqMark), Xor: binaryutil.NativeEndian.PutUint32(MasqMark)},
+		&expr.Meta{Key: expr.MetaKeyMARK, SourceRegister: true, Register: 1},
+		counter,
+	}
+	r.Exprs = append(r.Exprs, l4protoIs(p.Protocol)...)
+	n := uint32(len(p.Slots))
+	switch p.Scheduler {
+	case vip.Random:
+		r.Exprs = append(r.Exprs, &expr.Numgen{Register: 1, Type: unix.NFT_NG_RANDOM, Modulus: n})
+	case vip.SourceHash:
+		r.Exprs = append(r.Exprs,
+			&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: 12, Len: 4},
+			&expr.Hash{SourceRegister: 1, DestRegister: 1, Length: 4, Modulus: n, Seed: HashSeed, Type: expr.HashTypeJenkins})
+	default:
+		r.Exprs = append(r.Exprs, &expr.Numgen{Register: 1, Type: unix.NFT_NG_INCREMENTAL, Modulus: n})
+	}
+	r.Exprs = append(r.Exprs,
+		&expr.Lookup{SourceRegister: 1, SetName: m.Name, SetID: m.ID, IsDestRegSet: true, DestRegister: 1},
+		&expr.NAT{Type: expr.NATTypeDestNAT, Family: unix.NFPROTO_IPV4, RegAddrMin: 1, RegProtoMin: unix.NFT_REG32_01})
+	return r
+}

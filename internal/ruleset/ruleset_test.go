@@ -1,0 +1,349 @@
+package ruleset
+
+import (
+	"flag"
+	"fmt"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"testing"
+
+	"github.com/google/nftables"
+
+	"github.com/nftlb/nftlb/internal/vip"
+)
+
+var update = flag.Bool("update", false, "rewrite golden files in testdata/")
+
+func be(s string, w int) vip.Backend { return vip.Backend{Addr: netip.MustParseAddrPort(s), Weight: w} }
+
+func pool(name, vipAddr string, port uint16, bs ...vip.Backend) PoolSpec {
+	return PoolSpec{Name: name, VIP: netip.MustParseAddr(vipAddr), Port: port,
+		Protocol: vip.TCP, Scheduler: vip.RoundRobin, Backends: bs}
+}
+
+// goldenSpecs are the shapes an operator meets: the README example, every
+// scheduler, weights, a NodePort-style port change, empty pools, UDP.
+func goldenSpecs() map[string]Spec {
+	hash := pool("nodeport-http", "198.18.100.2", 80, be("198.18.1.11:30080", 1), be("198.18.1.12:30080", 1))
+	hash.Scheduler = vip.SourceHash
+	rnd := pool("dns", "198.18.100.3", 53, be("198.18.1.11:53", 1), be("198.18.1.12:53", 1))
+	rnd.Protocol, rnd.Scheduler = vip.UDP, vip.Random
+	emptyUDP := pool("syslog", "198.18.100.4", 514)
+	emptyUDP.Protocol = vip.UDP
+	return map[string]Spec{
+		"readme": {Table: "nftlb", Masquerade: true, Pools: []PoolSpec{
+			pool("kube-apiserver", "198.18.100.1", 6443,
+				be("198.18.1.11:6443", 1), be("198.18.1.12:6443", 1), be("198.18.1.13:6443", 1)),
+			hash,
+		}},
+		"weights": {Table: "lb", Masquerade: true, Pools: []PoolSpec{
+			pool("web", "198.18.100.1", 80, be("198.18.1.11:8080", 5), be("198.18.1.12:8080", 1), be("198.18.1.13:8080", 1)),
+		}},
+		"schedulers-nomasq": {Table: "nftlb", Masquerade: false, Pools: []PoolSpec{hash, rnd}},
+		"empty-pools": {Table: "nftlb", Masquerade: true, Pools: []PoolSpec{
+			pool("kube-apiserver", "198.18.100.1", 6443), emptyUDP,
+		}},
+		"no-pools": {Table: "nftlb", Masquerade: true},
+	}
+}
+
+func TestTextGolden(t *testing.T) {
+	for name, spec := range goldenSpecs() {
+		t.Run(name, func(t *testing.T) {
+			got := Build(spec).Text()
+			path := filepath.Join("testdata", name+".nft")
+			if *update {
+				if err := os.WriteFile(path, []byte(got), 0o644); err != nil {
+					t.Fatal(err)
+				}
+			}
+			want, err := os.ReadFile(path)
+			if err != nil {
+				t.Fatalf("%v (run go test -update to create it)", err)
+			}
+			if got != string(want) {
+				t.Errorf("Text() differs from %s (go test -update rewrites it):\n--- got\n%s\n--- want\n%s", path, got, want)
+			}
+		})
+	}
+}
+
+func TestBuildIsDeterministicAndSorted(t *testing.T) {
+	s := goldenSpecs()["readme"]
+	rev := s
+	rev.Pools = slices.Clone(s.Pools)
+	slices.Reverse(rev.Pools)
+	if a, b := Build(s).Text(), Build(rev).Text(); a != b {
+		t.Errorf("pool order in the spec changed the rendering:\n%s\n%s", a, b)
+	}
+}
+
+func TestSlots(t *testing.T) {
+	a, b, c := "198.18.1.1:1", "198.18.1.2:1", "198.18.1.3:1"
+	tests := []struct {
+		in   []vip.Backend
+		want []string
+	}{
+		{nil, []string{}},
+		{[]vip.Backend{be(a, 1)}, []string{a}},
+		{[]vip.Backend{be(a, 1), be(b, 1), be(c, 1)}, []string{a, b, c}},
+		{[]vip.Backend{be(a, 1), be(b, 2)}, []string{b, a, b}},
+		{[]vip.Backend{be(a, 5), be(b, 1), be(c, 1)}, []string{a, a, b, a, c, a, a}},
+	}
+	for _, tt := range tests {
+		var got []string
+		for _, s := range slots(tt.in) {
+			got = append(got, s.String())
+		}
+		if got == nil {
+			got = []string{}
+		}
+		if !slices.Equal(got, tt.want) {
+			t.Errorf("slots(%v) = %v, want %v", tt.in, got, tt.want)
+		}
+	}
+	// Shares are exact whatever the weights: each backend gets weight slots.
+	bs := []vip.Backend{be(a, 3), be(b, 7), be(c, 100)}
+	count := map[string]int{}
+	for _, s := range slots(bs) {
+		count[s.String()]++
+	}
+	for _, x := range bs {
+		if count[x.Addr.String()] != x.Weight {
+			t.Errorf("%s has %d slots, want %d", x.Addr, count[x.Addr.String()], x.Weight)
+		}
+	}
+}
+
+func TestDiff(t *testing.T) {
+	base := goldenSpecs()["readme"]
+	with := func(f func(s *Spec)) *Table {
+		s := base
+		s.Pools = slices.Clone(base.Pools)
+		for i := range s.Pools {
+			s.Pools[i].Backends = slices.Clone(s.Pools[i].Backends)
+		}
+		f(&s)
+		return Build(s)
+	}
+	prev := Build(base)
+	type change struct {
+		name                  string
+		add, del              bool
+		dispatch, slots, rule bool
+	}
+	tests := []struct {
+		name string
+		prev *Table
+		next *Table
+		full bool
+		masq bool
+		want []change
+	}{
+		{name: "unknown kernel state", prev: nil, next: prev, full: true},
+		{name: "no change", prev: prev, next: with(func(*Spec) {})},
+		{name: "table renamed", prev: prev, next: with(func(s *Spec) { s.Table = "other" }), full: true},
+		{name: "masquerade off", prev: prev, next: with(func(s *Spec) { s.Masquerade = false }), masq: true},
+		{name: "backend down: map and rule of one pool", prev: prev,
+			next: with(func(s *Spec) { s.Pools[0].Backends = s.Pools[0].Backends[:2] }),
+			want: []change{{name: "kube-apiserver", slots: true, rule: true}}},
+		{name: "backend replaced, same count: map only, numgen keeps its position", prev: prev,
+			next: with(func(s *Spec) { s.Pools[0].Backends[2] = be("198.18.1.14:6443", 1) }),
+			want: []change{{name: "kube-apiserver", slots: true}}},
+		{name: "scheduler: rule only", prev: prev,
+			next: with(func(s *Spec) { s.Pools[0].Scheduler = vip.Random }),
+			want: []change{{name: "kube-apiserver", rule: true}}},
+		{name: "vip moved: dispatch only", prev: prev,
+			next: with(func(s *Spec) { s.Pools[1].VIP = netip.MustParseAddr("198.18.100.9") }),
+			want: []change{{name: "nodeport-http", dispatch: true}}},
+		{name: "pool added and removed", prev: prev,
+			next: with(func(s *Spec) { s.Pools[1].Name = "np" }),
+			want: []change{{name: "nodeport-http", del: true}, {name: "np", add: true, dispatch: true, slots: true, rule: true}}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			plan := Diff(tt.prev, tt.next)
+			if plan.Full != tt.full || plan.Masquerade != tt.masq {
+				t.Fatalf("Full=%v Masquerade=%v, want %v %v", plan.Full, plan.Masquerade, tt.full, tt.masq)
+			}
+			var got []change
+			for _, c := range plan.Pools {
+				got = append(got, change{c.Name, c.Old == nil, c.New == nil, c.Dispatch, c.Slots, c.Rule})
+			}
+			if fmt.Sprint(got) != fmt.Sprint(tt.want) {
+				t.Errorf("changes = %+v\nwant      %+v", got, tt.want)
+			}
+			if plan.Empty() != (!tt.full && !tt.masq && len(tt.want) == 0) {
+				t.Errorf("Empty() = %v", plan.Empty())
+			}
+		})
+	}
+}
+
+// recorder is a batch that records what would be sent, by operation and
+// object name, so the shape of a transaction is testable without a kernel.
+type recorder struct{ ops []string }
+
+func (r *recorder) add(op, name string) { r.ops = append(r.ops, op+" "+name) }
+func (r *recorder) AddTable(t *nftables.Table) *nftables.Table {
+	r.add("add-table", t.Name)
+	return t
+}
+func (r *recorder) DelTable(t *nftables.Table) { r.add("del-table", t.Name) }
+func (r *recorder) AddChain(c *nftables.Chain) *nftables.Chain {
+	r.add("add-chain", c.Name)
+	return c
+}
+func (r *recorder) DelChain(c *nftables.Chain)   { r.add("del-chain", c.Name) }
+func (r *recorder) FlushChain(c *nftables.Chain) { r.add("flush-chain", c.Name) }
+func (r *recorder) AddRule(x *nftables.Rule) *nftables.Rule {
+	r.add("add-rule", x.Chain.Name)
+	return x
+}
+func (r *recorder) AddSet(s *nftables.Set, e []nftables.SetElement) error {
+	r.add("add-set", fmt.Sprintf("%s/%d", s.Name, len(e)))
+	return nil
+}
+func (r *recorder) DelSet(s *nftables.Set)   { r.add("del-set", s.Name) }
+func (r *recorder) FlushSet(s *nftables.Set) { r.add("flush-set", s.Name) }
+func (r *recorder) SetAddElements(s *nftables.Set, e []nftables.SetElement) error {
+	r.add("add-elements", fmt.Sprintf("%s/%d", s.Name, len(e)))
+	return nil
+}
+func (r *recorder) SetDeleteElements(s *nftables.Set, e []nftables.SetElement) error {
+	r.add("del-elements", fmt.Sprintf("%s/%d", s.Name, len(e)))
+	return nil
+}
+func (r *recorder) AddObj(o nftables.Obj) nftables.Obj {
+	r.add("add-counter", o.(*nftables.NamedObj).Name)
+	return o
+}
+func (r *recorder) DeleteObject(o nftables.Obj) { r.add("del-counter", o.(*nftables.NamedObj).Name) }
+
+func manyPools(n int) Spec {
+	s := Spec{Table: "nftlb", Masquerade: true}
+	for i := range n {
+		s.Pools = append(s.Pools, pool(fmt.Sprintf("p%05d", i),
+			fmt.Sprintf("198.18.%d.%d", 100+i/250, 1+i%250), 443,
+			be("198.18.1.11:443", 1), be("198.18.1.12:443", 1), be("198.18.1.13:443", 1)))
+	}
+	return s
+}
+
+func TestQueueShapes(t *testing.T) {
+	big := manyPools(1000)
+	prev := Build(big)
+	down := big
+	down.Pools = slices.Clone(big.Pools)
+	down.Pools[500].Backends = down.Pools[500].Backends[1:]
+	up := Build(down)
+	swapped := big
+	swapped.Pools = slices.Clone(big.Pools)
+	swapped.Pools[7].Backends = []vip.Backend{be("198.18.1.14:443", 1), be("198.18.1.12:443", 1), be("198.18.1.13:443", 1)}
+	renamed := big
+	renamed.Pools = slices.Clone(big.Pools)
+	renamed.Pools[3].Name = "renamed"
+	empty := big
+	empty.Pools = slices.Clone(big.Pools)
+	empty.Pools[9].Backends = nil
+
+	tests := []struct {
+		name       string
+		prev, next *Table
+		want       []string
+	}{
+		{"backend down in one of 1,000 pools touches that pool only", prev, up,
+			[]string{"flush-set pool-p00500", "add-elements pool-p00500/2", "flush-chain pool-p00500", "add-rule pool-p00500"}},
+		{"backend swapped: map elements only", prev, Build(swapped),
+			[]string{"flush-set pool-p00007", "add-elements pool-p00007/3"}},
+		{"pool loses every backend: empty map, reject rule", prev, Build(empty),
+			[]string{"flush-set pool-p00009", "flush-chain pool-p00009", "add-rule pool-p00009"}},
+		{"pool renamed: dispatch moves within the same transaction", prev, Build(renamed),
+			[]string{"del-elements services/1",
+				"flush-chain pool-p00003", "del-chain pool-p00003", "del-set pool-p00003", "del-counter pool-p00003",
+				"add-counter pool-renamed", "add-set pool-renamed/3", "add-chain pool-renamed", "add-rule pool-renamed",
+				"add-elements services/1"}},
+		{"first apply replaces the table atomically", nil, Build(manyPools(1)),
+			[]string{"add-table nftlb", "del-table nftlb", "add-table nftlb",
+				"add-counter pool-p00000", "add-set pool-p00000/3", "add-chain pool-p00000", "add-rule pool-p00000",
+				"add-set services/1", "add-chain prerouting", "add-chain output", "add-chain postrouting",
+				"add-rule prerouting", "add-rule output", "add-rule postrouting"}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			var r recorder
+			if err := queue(&r, tt.prev, tt.next, Diff(tt.prev, tt.next)); err != nil {
+				t.Fatal(err)
+			}
+			if !slices.Equal(r.ops, tt.want) {
+				t.Errorf("ops:\n  %s\nwant:\n  %s", strings.Join(r.ops, "\n  "), strings.Join(tt.want, "\n  "))
+			}
+		})
+	}
+}
+
+func TestCanonical(t *testing.T) {
+	// The same table as nft lists it after incremental changes: other
+	// element order and wrapping, objects in creation order, live counters,
+	// and the key type of a netlink-made map.
+	kernel := `table ip nftlb {
+	chain prerouting {
+		type nat hook prerouting priority dstnat; policy accept;
+		ip daddr . meta l4proto . th dport vmap @services comment "managed by nftlb; edits are overwritten"
+	}
+
+	counter pool-a {
+		packets 12 bytes 720
+	}
+
+	map pool-a {
+		type 0 : ipv4_addr . inet_service
+		elements = { 1 : 198.18.1.12 . 80, 0 : 198.18.1.11 . 80 }
+	}
+
+	map services {
+		type ipv4_addr . inet_proto . inet_service : verdict
+		elements = { 198.18.100.1 . tcp . 80 : goto pool-a }
+	}
+
+	chain pool-a {
+		counter name "pool-a" reject with tcp reset
+	}
+}
+`
+	render := `table ip nftlb {
+	counter pool-a {
+		packets 0 bytes 0
+	}
+
+	map pool-a {
+		typeof numgen inc mod 2 : ip daddr . tcp dport
+		elements = { 0 : 198.18.1.11 . 80,
+			     1 : 198.18.1.12 . 80 }
+	}
+
+	map services {
+		type ipv4_addr . inet_proto . inet_service : verdict
+		elements = { 198.18.100.1 . tcp . 80 : goto pool-a }
+	}
+
+	chain pool-a {
+		counter name "pool-a" reject with tcp reset
+	}
+
+	chain prerouting {
+		type nat hook prerouting priority dstnat; policy accept;
+		ip daddr . meta l4proto . th dport vmap @services comment "managed by nftlb; edits are overwritten"
+	}
+}
+`
+	if a, b := Canonical(kernel), Canonical(render); a != b {
+		t.Errorf("canonical forms differ:\n%s\n---\n%s", a, b)
+	}
+	if a, b := Canonical(render), Canonical(strings.Replace(render, "198.18.1.12", "198.18.1.13", 1)); a == b {
+		t.Error("canonical form hid a different element")
+	}
+}

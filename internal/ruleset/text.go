@@ -1,0 +1,107 @@
+package ruleset
+
+import (
+	"fmt"
+	"strings"
+
+	"github.com/nftlb/nftlb/internal/vip"
+)
+
+// Text renders the table as nft syntax in the layout `nft list table`
+// prints, so `nft -c -f -` accepts it and an operator can diff it against
+// the kernel. It describes exactly the objects Applier programs; the only
+// liberty is the pool maps' `typeof` line, which nft needs to parse the
+// file but which netlink-made maps do not carry (they list as type integer).
+func (t *Table) Text() string {
+	var b strings.Builder
+	fmt.Fprintf(&b, "table ip %s {\n", t.Name)
+	for _, p := range t.Pools {
+		fmt.Fprintf(&b, "\tcounter %s {\n\t\tpackets 0 bytes 0\n\t}\n\n", p.Counter())
+	}
+	for _, p := range t.Pools {
+		fmt.Fprintf(&b, "\tmap %s {\n\t\ttypeof %s : ip daddr . %s dport\n", p.Map(), p.selectorText(), p.Protocol)
+		writeElements(&b, p.mapElements())
+		b.WriteString("\t}\n\n")
+	}
+	b.WriteString("\tmap " + servicesMap + " {\n\t\ttype ipv4_addr . inet_proto . inet_service : verdict\n")
+	var svc []string
+	for _, p := range t.Pools {
+		svc = append(svc, p.dispatchKey()+" : goto "+p.Chain())
+	}
+	writeElements(&b, svc)
+	b.WriteString("\t}\n\n")
+
+	for _, p := range t.Pools {
+		writeChain(&b, p.Chain(), "", p.ruleText())
+	}
+	dispatch := "ip daddr . meta l4proto . th dport vmap @" + servicesMap
+	writeChain(&b, chainPrerouting, "type nat hook prerouting priority dstnat; policy accept;",
+		dispatch+fmt.Sprintf(" comment %q", OwnerComment))
+	writeChain(&b, chainOutput, "type nat hook output priority -100; policy accept;", dispatch)
+	var post []string
+	if t.Masquerade {
+		post = append(post, fmt.Sprintf("meta mark & 0x%08x != 0x00000000 masquerade", MasqMark))
+	}
+	writeChain(&b, chainPost, "type nat hook postrouting priority srcnat; policy accept;", post...)
+	s := strings.TrimSuffix(b.String(), "\n")
+	return s + "}\n"
+}
+
+func writeElements(b *strings.Builder, els []string) {
+	if len(els) == 0 {
+		return
+	}
+	b.WriteString("\t\telements = { ")
+	for i, e := range els {
+		if i > 0 {
+			b.WriteString(",\n\t\t\t     ")
+		}
+		b.WriteString(e)
+	}
+	b.WriteString(" }\n")
+}
+
+func writeChain(b *strings.Builder, name, hook string, rules ...string) {
+	fmt.Fprintf(b, "\tchain %s {\n", name)
+	if hook != "" {
+		fmt.Fprintf(b, "\t\t%s\n", hook)
+	}
+	for _, r := range rules {
+		fmt.Fprintf(b, "\t\t%s\n", r)
+	}
+	b.WriteString("\t}\n\n")
+}
+
+func (p *Pool) mapElements() []string {
+	els := make([]string, len(p.Slots))
+	for i, s := range p.Slots {
+		els[i] = fmt.Sprintf("%d : %s . %d", i, s.Addr(), s.Port())
+	}
+	return els
+}
+
+func (p *Pool) selectorText() string {
+	// An empty pool's map still needs a parseable typeof (mod 0 is not).
+	n := max(len(p.Slots), 1)
+	switch p.Scheduler {
+	case vip.Random:
+		return fmt.Sprintf("numgen random mod %d", n)
+	case vip.SourceHash:
+		return fmt.Sprintf("jhash ip saddr mod %d seed 0x%x", n, HashSeed)
+	default:
+		return fmt.Sprintf("numgen inc mod %d", n)
+	}
+}
+
+func (p *Pool) ruleText() string {
+	counter := fmt.Sprintf("counter name %q", p.Counter())
+	if len(p.Slots) == 0 {
+		if p.Protocol == vip.UDP {
+			// nft prints the implied protocol match away: "meta l4proto udp" stays.
+			return counter + " meta l4proto udp reject"
+		}
+		return counter + " reject with tcp reset"
+	}
+	return fmt.Sprintf("meta mark set meta mark | 0x%08x %s meta l4proto %s dnat ip to %s map @%s",
+		MasqMark, counter, p.Protocol, p.selectorText(), p.Map())
+}
