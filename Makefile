@@ -1,0 +1,38 @@
+# nftlb — the two commands a newcomer needs are `make demo` and `make test`.
+GO      ?= go
+BIN     := bin/nftlb
+VERSION ?= $(shell git describe --always --dirty 2>/dev/null || echo dev)
+LDFLAGS := -X main.version=$(VERSION)
+
+.PHONY: build demo test fuzz bench clean clean-lab
+
+build:
+	$(GO) build -ldflags "$(LDFLAGS)" -o $(BIN) ./cmd/nftlb
+
+# Builds nftlb, starts a network-namespace lab (client, LB, 3 backends),
+# runs nftlb on it, shows balancing and failover with real connections,
+# and tears everything down. Needs root.
+demo: build
+	$(GO) run ./cmd/nftlb-lab -nftlb $(BIN)
+
+# The whole suite: vet, unit and golden tests, real-kernel tests in
+# namespaces (root), end-to-end tests of the real binary, a short fuzz run.
+test:
+	$(GO) vet ./...
+	$(GO) test -race -count=1 -timeout 10m ./...
+	$(GO) test -run '^$$' -fuzz '^FuzzParse$$' -fuzztime 15s ./internal/vip
+
+# Longer fuzzing of the config parser.
+fuzz:
+	$(GO) test -run '^$$' -fuzz '^FuzzParse$$' -fuzztime 5m ./internal/vip
+
+# Go benchmarks of render and apply (root: they use a scratch namespace).
+bench:
+	$(GO) test -run '^$$' -bench . -benchtime 5x -count 1 ./internal/ruleset
+
+# Removes lab namespaces (nlbt*) left behind by a killed test or demo.
+clean-lab:
+	$(GO) run ./cmd/nftlb-lab -cleanup
+
+clean:
+	rm -rf bin
