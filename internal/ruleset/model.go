@@ -10,6 +10,7 @@
 //	chain prerouting         nat hook prerouting priority dstnat: one vmap lookup
 //	chain output             nat hook output priority -100: the same, for the LB host's own connections
 //	chain postrouting        nat hook postrouting priority srcnat: masquerade what we marked
+//	chain nudge              filter hook output priority raw: notrack nftlb's client nudges
 //	chain pool-NAME          mark, count, dnat to numgen/jhash map @pool-NAME (or reject when empty)
 //
 // Dispatch is a single hash lookup whatever the number of pools, and a
@@ -32,6 +33,11 @@ const (
 	// DNATed. It is clear of kube-proxy's 0x4000/0x8000 and Cilium's 0x0f00
 	// range, the marks most likely to share a Kubernetes gateway.
 	MasqMark uint32 = 0x00100000
+	// NudgeMark is the mark (SO_MARK) on the TCP ACKs nftlb sends to clients
+	// of a dead backend. The nudge chain exempts them from conntrack: a
+	// tracked nudge would create an entry that captures the client's answer,
+	// which must instead start a new, rebalanced flow.
+	NudgeMark uint32 = 0x00200000
 	// HashSeed is fixed so source-hash keeps a client on the same backend
 	// across rule rewrites; with seed 0 the kernel picks a random seed on
 	// every rewrite and reshuffles stickiness.
@@ -44,6 +50,7 @@ const (
 	chainPrerouting = "prerouting"
 	chainOutput     = "output"
 	chainPost       = "postrouting"
+	chainNudge      = "nudge"
 )
 
 // Spec is the desired state: what the kernel should do right now.

@@ -114,11 +114,18 @@ func queueFull(b batch, t *Table) error {
 		Hooknum: nftables.ChainHookOutput, Priority: nftables.ChainPriorityNATDest, Policy: &accept})
 	post := b.AddChain(&nftables.Chain{Name: chainPost, Table: tbl, Type: nftables.ChainTypeNAT,
 		Hooknum: nftables.ChainHookPostrouting, Priority: nftables.ChainPriorityNATSource, Policy: &accept})
+	nudge := b.AddChain(&nftables.Chain{Name: chainNudge, Table: tbl, Type: nftables.ChainTypeFilter,
+		Hooknum: nftables.ChainHookOutput, Priority: nftables.ChainPriorityRaw, Policy: &accept})
 	b.AddRule(dispatchRule(pre, svc, OwnerComment))
 	b.AddRule(dispatchRule(out, svc, ""))
 	if t.Masquerade {
 		b.AddRule(masqRule(post))
 	}
+	b.AddRule(&nftables.Rule{Table: tbl, Chain: nudge, Exprs: []expr.Any{
+		&expr.Meta{Key: expr.MetaKeyMARK, Register: 1},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: binaryutil.NativeEndian.PutUint32(NudgeMark)},
+		&expr.Notrack{},
+	}})
 	return nil
 }
 

@@ -269,8 +269,8 @@ func TestQueueShapes(t *testing.T) {
 		{"first apply replaces the table atomically", nil, Build(manyPools(1)),
 			[]string{"add-table nftlb", "del-table nftlb", "add-table nftlb",
 				"add-counter pool-p00000", "add-set pool-p00000/3", "add-chain pool-p00000", "add-rule pool-p00000",
-				"add-set services/1", "add-chain prerouting", "add-chain output", "add-chain postrouting",
-				"add-rule prerouting", "add-rule output", "add-rule postrouting"}},
+				"add-set services/1", "add-chain prerouting", "add-chain output", "add-chain postrouting", "add-chain nudge",
+				"add-rule prerouting", "add-rule output", "add-rule postrouting", "add-rule nudge"}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

@@ -43,6 +43,8 @@ func (t *Table) Text() string {
 		post = append(post, fmt.Sprintf("meta mark & 0x%08x != 0x00000000 masquerade", MasqMark))
 	}
 	writeChain(&b, chainPost, "type nat hook postrouting priority srcnat; policy accept;", post...)
+	writeChain(&b, chainNudge, "type filter hook output priority raw; policy accept;",
+		fmt.Sprintf("meta mark 0x%08x notrack", NudgeMark))
 	s := strings.TrimSuffix(b.String(), "\n")
 	return s + "}\n"
 }
