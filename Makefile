@@ -32,7 +32,7 @@ bench:
 
 # Removes lab namespaces (nlbt*) left behind by a killed test or demo.
 clean-lab:
-	$(GO) run ./cmd/nftlb-lab -cleanup
+	$(GO) run ./internal/lab/cmd/labclean
 
 clean:
 	rm -rf bin
