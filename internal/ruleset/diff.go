@@ -29,27 +29,35 @@ func Diff(prev, next *Table) Plan {
 		return Plan{Full: true}
 	}
 	plan := Plan{Masquerade: prev.Masquerade != next.Masquerade}
-	for i := range prev.Pools {
-		if next.Pool(prev.Pools[i].Name) == nil {
+	// Both pool lists are sorted by name (Build sorts), so one merge walk
+	// finds removed, added and common pools in O(n).
+	var added []PoolChange
+	i, j := 0, 0
+	for i < len(prev.Pools) || j < len(next.Pools) {
+		switch {
+		case j == len(next.Pools) || (i < len(prev.Pools) && prev.Pools[i].Name < next.Pools[j].Name):
 			plan.Pools = append(plan.Pools, PoolChange{Name: prev.Pools[i].Name, Old: &prev.Pools[i]})
+			i++
+		case i == len(prev.Pools) || next.Pools[j].Name < prev.Pools[i].Name:
+			n := &next.Pools[j]
+			added = append(added, PoolChange{Name: n.Name, New: n, Dispatch: true, Slots: true, Rule: true})
+			j++
+		default:
+			o, n := &prev.Pools[i], &next.Pools[j]
+			c := PoolChange{
+				Name: n.Name, Old: o, New: n,
+				Dispatch: !o.sameDispatch(n),
+				Slots:    !slices.Equal(o.Slots, n.Slots),
+				Rule:     !o.sameRule(n),
+			}
+			if c.Dispatch || c.Slots || c.Rule {
+				added = append(added, c)
+			}
+			i++
+			j++
 		}
 	}
-	for i := range next.Pools {
-		n := &next.Pools[i]
-		o := prev.Pool(n.Name)
-		if o == nil {
-			plan.Pools = append(plan.Pools, PoolChange{Name: n.Name, New: n, Dispatch: true, Slots: true, Rule: true})
-			continue
-		}
-		c := PoolChange{
-			Name: n.Name, Old: o, New: n,
-			Dispatch: o.dispatchKey() != n.dispatchKey(),
-			Slots:    !slices.Equal(o.Slots, n.Slots),
-			Rule:     o.ruleShape() != n.ruleShape(),
-		}
-		if c.Dispatch || c.Slots || c.Rule {
-			plan.Pools = append(plan.Pools, c)
-		}
-	}
+	// Removals first: a removed pool may free the VIP:port an added one takes.
+	plan.Pools = append(plan.Pools, added...)
 	return plan
 }

@@ -185,3 +185,15 @@ func TestRestartReplacesOwnTableAndLeavesOthers(t *testing.T) {
 		t.Errorf("table inet other changed:\n%s\n---\n%s", other, got)
 	}
 }
+
+// Element lists are split across messages: one nested attribute overflows
+// its 16-bit length around 1,100 dispatch elements, and a wrapped length
+// can make the kernel accept a truncated list without an error.
+func TestLargeTableIsComplete(t *testing.T) {
+	ns := newScratchNS(t)
+	tbl := Build(manyPools(3000))
+	if _, err := ns.applier().Apply(tbl); err != nil {
+		t.Fatal(err)
+	}
+	assertKernelMatches(t, ns, tbl)
+}

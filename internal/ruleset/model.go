@@ -161,9 +161,13 @@ func (t *Table) Pool(name string) *Pool {
 
 func (p *Pool) dispatchKey() string { return fmt.Sprintf("%s . %s . %d", p.VIP, p.Protocol, p.Port) }
 
-// ruleShape is everything the pool chain's rule depends on. The slot
+func (p *Pool) sameDispatch(o *Pool) bool {
+	return p.VIP == o.VIP && p.Protocol == o.Protocol && p.Port == o.Port
+}
+
+// sameRule compares everything the pool chain's rule depends on. The slot
 // addresses are map data, so changing them leaves the rule (and numgen's
 // position) alone.
-func (p *Pool) ruleShape() string {
-	return fmt.Sprintf("%s/%s/%d", p.Protocol, p.Scheduler, len(p.Slots))
+func (p *Pool) sameRule(o *Pool) bool {
+	return p.Protocol == o.Protocol && p.Scheduler == o.Scheduler && len(p.Slots) == len(o.Slots)
 }

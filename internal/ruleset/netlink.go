@@ -3,6 +3,7 @@ package ruleset
 import (
 	"encoding/binary"
 	"fmt"
+	"slices"
 
 	"github.com/google/nftables"
 	"github.com/google/nftables/binaryutil"
@@ -52,8 +53,8 @@ func queue(b batch, prev, next *Table, plan Plan) error {
 			addKeys = append(addKeys, c.New.dispatchElement())
 		}
 	}
-	if len(delKeys) > 0 {
-		if err := b.SetDeleteElements(svc, delKeys); err != nil {
+	for chunk := range slices.Chunk(delKeys, maxElementsPerMsg) {
+		if err := b.SetDeleteElements(svc, chunk); err != nil {
 			return fmt.Errorf("delete dispatch elements: %w", err)
 		}
 	}
@@ -71,10 +72,8 @@ func queue(b batch, prev, next *Table, plan Plan) error {
 			return fmt.Errorf("pool %s: %w", c.Name, err)
 		}
 	}
-	if len(addKeys) > 0 {
-		if err := b.SetAddElements(svc, addKeys); err != nil {
-			return fmt.Errorf("add dispatch elements: %w", err)
-		}
+	if err := addElements(b, svc, addKeys); err != nil {
+		return fmt.Errorf("add dispatch elements: %w", err)
 	}
 	if plan.Masquerade {
 		post := &nftables.Chain{Name: chainPost, Table: tbl}
@@ -104,7 +103,7 @@ func queueFull(b batch, t *Table) error {
 	for i := range t.Pools {
 		els = append(els, t.Pools[i].dispatchElement())
 	}
-	if err := b.AddSet(svc, els); err != nil {
+	if err := addSet(b, svc, els); err != nil {
 		return fmt.Errorf("services map: %w", err)
 	}
 	accept := nftables.ChainPolicyAccept
@@ -132,7 +131,7 @@ func queueFull(b batch, t *Table) error {
 func queuePoolAdd(b batch, tbl *nftables.Table, p *Pool) error {
 	b.AddObj(counterObj(tbl, p))
 	m := poolMap(tbl, p)
-	if err := b.AddSet(m, p.mapElements32()); err != nil {
+	if err := addSet(b, m, p.mapElements32()); err != nil {
 		return fmt.Errorf("map %s: %w", m.Name, err)
 	}
 	ch := b.AddChain(&nftables.Chain{Name: p.Chain(), Table: tbl})
@@ -144,10 +143,8 @@ func queuePoolUpdate(b batch, tbl *nftables.Table, c PoolChange) error {
 	m := poolMap(tbl, c.New)
 	if c.Slots {
 		b.FlushSet(m)
-		if els := c.New.mapElements32(); len(els) > 0 {
-			if err := b.SetAddElements(m, els); err != nil {
-				return fmt.Errorf("map %s: %w", m.Name, err)
-			}
+		if err := addElements(b, m, c.New.mapElements32()); err != nil {
+			return fmt.Errorf("map %s: %w", m.Name, err)
 		}
 	}
 	if c.Rule {
@@ -164,6 +161,30 @@ func queuePoolDelete(b batch, tbl *nftables.Table, p *Pool) {
 	b.DelChain(ch)
 	b.DelSet(poolMap(tbl, p))
 	b.DeleteObject(counterObj(tbl, p))
+}
+
+// maxElementsPerMsg bounds the elements in one netlink message. Their list
+// is one nested attribute whose length field is 16 bits: around 1,100
+// dispatch elements it overflows, and the kernel answers EINVAL or ENOENT
+// (or, when the length wraps to something parseable, accepts a truncated
+// list). nft splits large element lists the same way.
+const maxElementsPerMsg = 256
+
+// addSet creates s and adds els in messages of bounded size.
+func addSet(b batch, s *nftables.Set, els []nftables.SetElement) error {
+	if err := b.AddSet(s, nil); err != nil {
+		return err
+	}
+	return addElements(b, s, els)
+}
+
+func addElements(b batch, s *nftables.Set, els []nftables.SetElement) error {
+	for chunk := range slices.Chunk(els, maxElementsPerMsg) {
+		if err := b.SetAddElements(s, chunk); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 func nlTable(name string) *nftables.Table {

@@ -264,12 +264,12 @@ func TestQueueShapes(t *testing.T) {
 		{"pool renamed: dispatch moves within the same transaction", prev, Build(renamed),
 			[]string{"del-elements services/1",
 				"flush-chain pool-p00003", "del-chain pool-p00003", "del-set pool-p00003", "del-counter pool-p00003",
-				"add-counter pool-renamed", "add-set pool-renamed/3", "add-chain pool-renamed", "add-rule pool-renamed",
+				"add-counter pool-renamed", "add-set pool-renamed/0", "add-elements pool-renamed/3", "add-chain pool-renamed", "add-rule pool-renamed",
 				"add-elements services/1"}},
 		{"first apply replaces the table atomically", nil, Build(manyPools(1)),
 			[]string{"add-table nftlb", "del-table nftlb", "add-table nftlb",
-				"add-counter pool-p00000", "add-set pool-p00000/3", "add-chain pool-p00000", "add-rule pool-p00000",
-				"add-set services/1", "add-chain prerouting", "add-chain output", "add-chain postrouting", "add-chain nudge",
+				"add-counter pool-p00000", "add-set pool-p00000/0", "add-elements pool-p00000/3", "add-chain pool-p00000", "add-rule pool-p00000",
+				"add-set services/0", "add-elements services/1", "add-chain prerouting", "add-chain output", "add-chain postrouting", "add-chain nudge",
 				"add-rule prerouting", "add-rule output", "add-rule postrouting", "add-rule nudge"}},
 	}
 	for _, tt := range tests {
