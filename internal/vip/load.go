@@ -439,7 +439,7 @@ type configSpec struct {
 type healthSpec struct {
 	typ                            field[CheckType]
 	interval, timeout              field[time.Duration]
-	rise, fall, expectStatus       field[int]
+	rise, fall, expectStatus, port field[int]
 	path, host, caFile, serverName field[string]
 	certFile, keyFile              field[string]
 	tlsSkipVerify, resetClients    field[bool]
@@ -467,7 +467,7 @@ var (
 	topFields     = []string{"table", "masquerade", "metrics", "health", "pools"}
 	metricsFields = []string{"listen"}
 	healthFields  = []string{"type", "interval", "timeout", "rise", "fall", "path", "host", "expect_status",
-		"tls_skip_verify", "ca_file", "server_name", "cert_file", "key_file", "reset_clients", "on_all_down"}
+		"tls_skip_verify", "ca_file", "server_name", "cert_file", "key_file", "reset_clients", "on_all_down", "port"}
 	poolFields    = []string{"name", "vip", "port", "protocol", "scheduler", "health", "backends"}
 	backendFields = []string{"address", "weight"}
 )
@@ -543,6 +543,8 @@ func (w *walker) health(n *yaml.Node, path string) healthSpec {
 			h.keyFile = w.str(v, p)
 		case "reset_clients":
 			h.resetClients = w.boolean(v, p)
+		case "port":
+			h.port = w.integer(v, p, 1, 65535)
 		case "on_all_down":
 			h.onAllDown = enum(w, v, p, AllDownReject, AllDownServeAll)
 		}

@@ -141,6 +141,35 @@ pools:
 				Backends: []Backend{be("10.0.1.1:443", 16)},
 			}},
 		},
+	}, {
+		name: "udp pools are unchecked unless a type is named; health.port",
+		in: `pools:
+  - name: dns
+    vip: 198.18.100.3
+    port: 53
+    protocol: udp
+    backends: [198.18.1.11]
+  - name: dns-checked
+    vip: 198.18.100.4
+    port: 53
+    protocol: udp
+    health: {type: http, port: 10256, path: /healthz}
+    backends: [198.18.1.11]
+`,
+		want: &Config{
+			Table: DefaultTable, Masquerade: true, Metrics: Metrics{Listen: DefaultMetricsListen}, Health: tcpDefaults,
+			Pools: []Pool{{
+				Name: "dns", VIP: netip.MustParseAddr("198.18.100.3"), Port: 53, Protocol: UDP, Scheduler: RoundRobin, Line: 2,
+				Health:   withHealth(tcpDefaults, func(h *Health) { h.Type = CheckNone }),
+				Backends: []Backend{be("198.18.1.11:53", 1)},
+			}, {
+				Name: "dns-checked", VIP: netip.MustParseAddr("198.18.100.4"), Port: 53, Protocol: UDP, Scheduler: RoundRobin, Line: 7,
+				Health: withHealth(tcpDefaults, func(h *Health) {
+					h.Type, h.Port, h.Path, h.ExpectStatus = CheckHTTP, 10256, "/healthz", DefaultExpectStatus
+				}),
+				Backends: []Backend{be("198.18.1.11:53", 1)},
+			}},
+		},
 	}}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -251,6 +280,7 @@ func TestParseBad(t *testing.T) {
 			`lb.yaml:1:27: health.fall: must be an integer, got "2.5"`,
 		}},
 		{"path without slash", "health: {type: http, path: readyz}\n" + pool, []string{`lb.yaml:1:28: health.path: must start with '/', got "readyz"`}},
+		{"health port", "health: {port: 0}\n" + pool, []string{`lb.yaml:1:16: health.port: must be 1-65535, got 0`}},
 		{"expect_status", "health: {type: http, expect_status: 600}\n" + pool, []string{`lb.yaml:1:37: health.expect_status: must be 100-599, got 600`}},
 		{"http keys with tcp", "health: {path: /, host: x, expect_status: 200}\n" + pool, []string{
 			`lb.yaml:1:16: health.path: only applies to type http or https (type is tcp)`,

@@ -70,6 +70,7 @@ type Metrics struct {
 // Health is a pool's effective health-check configuration.
 type Health struct {
 	Type          CheckType
+	Port          uint16 // where probes go; 0 = the backend's own port
 	Interval      time.Duration
 	Timeout       time.Duration
 	Rise          int

@@ -149,6 +149,7 @@ func merge(over, under healthSpec) healthSpec {
 		keyFile:       pick(over.keyFile, under.keyFile),
 		resetClients:  pick(over.resetClients, under.resetClients),
 		onAllDown:     pick(over.onAllDown, under.onAllDown),
+		port:          pick(over.port, under.port),
 	}
 }
 
@@ -283,6 +284,12 @@ func (c *configSpec) build(file string) *Config {
 			Health:    merge(p.health, global).health(),
 			Line:      p.node.Line,
 		}
+		// There is no generic UDP probe: a UDP pool is not checked unless
+		// its config (the pool's or the global block) names a check type,
+		// e.g. tcp or http on health.port.
+		if pool.Protocol == UDP && !p.health.typ.set() && !c.health.typ.set() {
+			pool.Health.Type = CheckNone
+		}
 		for _, b := range p.backends {
 			pool.Backends = append(pool.Backends, Backend{Addr: b.addr.v, Weight: b.weight.v})
 		}
@@ -300,6 +307,7 @@ func (h healthSpec) health() Health {
 		Rise:         h.rise.v,
 		Fall:         h.fall.v,
 		ResetClients: h.resetClients.v,
+		Port:         uint16(h.port.v),
 		OnAllDown:    h.onAllDown.v,
 	}
 	switch out.Type {
