@@ -1,0 +1,269 @@
+package health
+
+import (
+	"context"
+	"fmt"
+	"math/rand/v2"
+	"net/netip"
+	"slices"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/nftlb/nftlb/internal/vip"
+)
+
+// Target is one backend to check.
+type Target struct {
+	ID    string         // stable identity across reloads: pool/addr:port
+	Pool  string         // the pool's name
+	Addr  netip.AddrPort // the backend
+	Check vip.Health     // the pool's effective health config
+}
+
+// probeAddr is where probes go: the backend, on health.port if set.
+func (t Target) probeAddr() netip.AddrPort {
+	if t.Check.Port != 0 {
+		return netip.AddrPortFrom(t.Addr.Addr(), t.Check.Port)
+	}
+	return t.Addr
+}
+
+// TargetsOf lists every backend of cfg as a Target.
+func TargetsOf(cfg *vip.Config) []Target {
+	var out []Target
+	for i := range cfg.Pools {
+		p := &cfg.Pools[i]
+		for _, b := range p.Backends {
+			out = append(out, Target{ID: p.ID(b), Pool: p.Name, Addr: b.Addr, Check: p.Health})
+		}
+	}
+	return out
+}
+
+// Event reports one state change of one backend.
+type Event struct {
+	Target   Target
+	From, To State
+	Result   Result // the probe result that decided it
+}
+
+// Status is a backend's current health, for status pages and metrics.
+type Status struct {
+	Target
+	State       State
+	Since       time.Time
+	Last        Result
+	Transitions int
+}
+
+// Manager runs one probe loop per target. Probes of a target never
+// overlap (its loop runs them one after another), each is bounded by the
+// check's timeout, and loops start at random offsets within the interval
+// so that a thousand backends are not probed in lockstep.
+type Manager struct {
+	events chan Event
+	ctx    context.Context
+	stop   context.CancelFunc
+	wg     sync.WaitGroup
+
+	mu     sync.Mutex
+	checks map[string]*checker
+
+	// newProber is NewProber; tests replace it.
+	newProber func(vip.Health) (Prober, error)
+}
+
+type checker struct {
+	target  Target
+	tracker *Tracker // guarded by Manager.mu
+	cancel  context.CancelFunc
+	first   chan struct{} // closed once the first result is in
+	done    chan struct{} // closed when the loop has exited
+}
+
+// NewManager returns a Manager with no targets.
+func NewManager() *Manager {
+	ctx, cancel := context.WithCancel(context.Background())
+	return &Manager{
+		events:    make(chan Event, 1024),
+		ctx:       ctx,
+		stop:      cancel,
+		checks:    map[string]*checker{},
+		newProber: NewProber,
+	}
+}
+
+// Events delivers state changes. The consumer must keep reading: a full
+// channel holds back the probe loops (changes are never dropped).
+func (m *Manager) Events() <-chan Event { return m.events }
+
+// Update makes targets the set being checked. It builds every prober
+// first, so an error (an unreadable ca_file, say) changes nothing. A
+// target that was already checked keeps its state and history, even if
+// its check settings changed; checks of removed targets stop.
+func (m *Manager) Update(targets []Target) error {
+	probers := map[vip.Health]Prober{} // one per distinct config: shares HTTP clients
+	for _, t := range targets {
+		if _, ok := probers[t.Check]; ok {
+			continue
+		}
+		p, err := m.newProber(t.Check)
+		if err != nil {
+			return fmt.Errorf("health check of %s: %w", t.ID, err)
+		}
+		probers[t.Check] = p
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	want := map[string]bool{}
+	for _, t := range targets {
+		want[t.ID] = true
+	}
+	for id, c := range m.checks {
+		if !want[id] {
+			c.cancel()
+			delete(m.checks, id)
+		}
+	}
+	for _, t := range targets {
+		old := m.checks[t.ID]
+		if old != nil && old.target == t {
+			continue
+		}
+		c := &checker{target: t, first: make(chan struct{}), done: make(chan struct{})}
+		delay := time.Duration(0) // new: probe now, nftlb is waiting for it
+		if old != nil {
+			old.cancel()
+			c.tracker, c.first = old.tracker, old.first
+			c.tracker.SetRiseFall(t.Check.Rise, t.Check.Fall)
+			delay = jitter(t.Check.Interval)
+		} else {
+			c.tracker = NewTracker(t.Check.Rise, t.Check.Fall)
+		}
+		ctx, cancel := context.WithCancel(m.ctx)
+		c.cancel = cancel
+		m.checks[t.ID] = c
+		m.wg.Add(1)
+		go m.loop(ctx, c, probers[t.Check], old, delay)
+	}
+	return nil
+}
+
+func jitter(d time.Duration) time.Duration {
+	if d <= 0 {
+		return 0
+	}
+	return rand.N(d)
+}
+
+// loop probes one target until ctx ends. After the first probe it waits a
+// random part of the interval, then keeps a fixed period.
+func (m *Manager) loop(ctx context.Context, c *checker, p Prober, prev *checker, delay time.Duration) {
+	defer m.wg.Done()
+	defer close(c.done)
+	if prev != nil {
+		// Never two probes of one backend at once: let the replaced loop
+		// finish its probe (bounded by its timeout) first.
+		select {
+		case <-prev.done:
+		case <-ctx.Done():
+			return
+		}
+	}
+	t := c.target
+	timer := time.NewTimer(delay)
+	defer timer.Stop()
+	firstDone := prev != nil
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-timer.C:
+		}
+		start := time.Now()
+		pctx, cancel := context.WithTimeout(ctx, t.Check.Timeout)
+		r := p.Probe(pctx, t.probeAddr())
+		cancel()
+		if ctx.Err() != nil {
+			return // stopped or replaced mid-probe: the result is stale
+		}
+		if r.Err != nil && pctx.Err() == context.DeadlineExceeded {
+			r.Outcome = Unreachable
+			r.Err = fmt.Errorf("no answer within %v: %w", t.Check.Timeout, r.Err)
+		}
+		m.observe(ctx, c, r)
+		next := t.Check.Interval - time.Since(start)
+		if !firstDone {
+			firstDone = true
+			next = jitter(t.Check.Interval)
+		}
+		timer.Reset(max(next, 0))
+	}
+}
+
+func (m *Manager) observe(ctx context.Context, c *checker, r Result) {
+	m.mu.Lock()
+	from, changed := c.tracker.Observe(r)
+	to := c.tracker.State()
+	select {
+	case <-c.first:
+	default:
+		close(c.first)
+	}
+	m.mu.Unlock()
+	if !changed {
+		return
+	}
+	select {
+	case m.events <- Event{Target: c.target, From: from, To: to, Result: r}:
+	case <-ctx.Done():
+	}
+}
+
+// WaitFirst waits until every current target has had one probe result,
+// or ctx ends.
+func (m *Manager) WaitFirst(ctx context.Context) {
+	m.mu.Lock()
+	var firsts []chan struct{}
+	for _, c := range m.checks {
+		firsts = append(firsts, c.first)
+	}
+	m.mu.Unlock()
+	for _, f := range firsts {
+		select {
+		case <-f:
+		case <-ctx.Done():
+			return
+		}
+	}
+}
+
+// State returns a target's state (Unknown if it is not checked).
+func (m *Manager) State(id string) State {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if c := m.checks[id]; c != nil {
+		return c.tracker.State()
+	}
+	return Unknown
+}
+
+// Statuses returns every target's status, sorted by ID.
+func (m *Manager) Statuses() []Status {
+	m.mu.Lock()
+	out := make([]Status, 0, len(m.checks))
+	for _, c := range m.checks {
+		out = append(out, Status{Target: c.target, State: c.tracker.State(), Since: c.tracker.Since(),
+			Last: c.tracker.Last(), Transitions: c.tracker.Transitions()})
+	}
+	m.mu.Unlock()
+	slices.SortFunc(out, func(a, b Status) int { return strings.Compare(a.ID, b.ID) })
+	return out
+}
+
+// Stop ends every probe loop and waits for them.
+func (m *Manager) Stop() {
+	m.stop()
+	m.wg.Wait()
+}

@@ -1,0 +1,249 @@
+package health
+
+import (
+	"context"
+	"errors"
+	"net/netip"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/nftlb/nftlb/internal/vip"
+)
+
+// fakeProber answers per target from a settable outcome; hang makes it
+// block until its context ends. It records concurrent probes per target.
+type fakeProber struct {
+	mu       sync.Mutex
+	outcome  map[netip.AddrPort]Outcome
+	hang     map[netip.AddrPort]bool
+	inFlight map[netip.AddrPort]int
+	count    map[netip.AddrPort]int
+	overlap  atomic.Bool
+	probes   atomic.Int64
+}
+
+func newFake() *fakeProber {
+	return &fakeProber{outcome: map[netip.AddrPort]Outcome{}, hang: map[netip.AddrPort]bool{}, inFlight: map[netip.AddrPort]int{}, count: map[netip.AddrPort]int{}}
+}
+
+func (f *fakeProber) set(a netip.AddrPort, o Outcome, hang bool) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.outcome[a], f.hang[a] = o, hang
+}
+
+func (f *fakeProber) Probe(ctx context.Context, a netip.AddrPort) Result {
+	f.probes.Add(1)
+	f.mu.Lock()
+	f.inFlight[a]++
+	f.count[a]++
+	if f.inFlight[a] > 1 {
+		f.overlap.Store(true)
+	}
+	o, hang := f.outcome[a], f.hang[a]
+	f.mu.Unlock()
+	defer func() { f.mu.Lock(); f.inFlight[a]--; f.mu.Unlock() }()
+	start := time.Now()
+	if hang {
+		<-ctx.Done()
+		return done(start, Unreachable, ctx.Err())
+	}
+	if o == OK {
+		return done(start, OK, nil)
+	}
+	return done(start, o, errors.New(o.String()))
+}
+
+func check(interval time.Duration) vip.Health {
+	return vip.Health{Type: vip.CheckTCP, Interval: interval, Timeout: interval / 2, Rise: 2, Fall: 2}
+}
+
+func target(n int, h vip.Health) Target {
+	a := netip.AddrPortFrom(netip.AddrFrom4([4]byte{198, 18, 1, byte(10 + n)}), 80)
+	return Target{ID: "p/" + a.String(), Pool: "p", Addr: a, Check: h}
+}
+
+func newTestManager(t *testing.T, f *fakeProber) *Manager {
+	m := NewManager()
+	m.newProber = func(vip.Health) (Prober, error) { return f, nil }
+	t.Cleanup(m.Stop)
+	return m
+}
+
+// events collects a Manager's events so tests can wait for one without
+// losing the others.
+type events struct {
+	mu   sync.Mutex
+	list []Event
+	seen int // events already matched
+}
+
+func collect(t *testing.T, m *Manager) *events {
+	e := &events{}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for {
+			select {
+			case ev := <-m.Events():
+				e.mu.Lock()
+				e.list = append(e.list, ev)
+				e.mu.Unlock()
+			case <-m.ctx.Done():
+				return
+			}
+		}
+	}()
+	t.Cleanup(func() { m.Stop(); <-done })
+	return e
+}
+
+// wait returns the first not yet matched event of id to state to.
+func (e *events) wait(t *testing.T, id string, to State) Event {
+	t.Helper()
+	deadline := time.Now().Add(5 * time.Second)
+	for time.Now().Before(deadline) {
+		e.mu.Lock()
+		for i := e.seen; i < len(e.list); i++ {
+			if ev := e.list[i]; ev.Target.ID == id && ev.To == to {
+				e.list = append(e.list[:i], e.list[i+1:]...)
+				e.mu.Unlock()
+				return ev
+			}
+		}
+		e.mu.Unlock()
+		time.Sleep(5 * time.Millisecond) // polling the collected list
+	}
+	t.Fatalf("no transition of %s to %s within 5s", id, to)
+	return Event{}
+}
+
+func TestManagerFirstRoundAndTransitions(t *testing.T) {
+	f := newFake()
+	m := newTestManager(t, f)
+	ev := collect(t, m)
+	h := check(40 * time.Millisecond)
+	a, b := target(1, h), target(2, h)
+	f.set(a.Addr, OK, false)
+	f.set(b.Addr, Unreachable, false)
+	if err := m.Update([]Target{a, b}); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	m.WaitFirst(ctx)
+	if m.State(a.ID) != Up || m.State(b.ID) != Down {
+		t.Fatalf("after the first round: a=%s b=%s, want up down", m.State(a.ID), m.State(b.ID))
+	}
+	ev.wait(t, a.ID, Up)
+	ev.wait(t, b.ID, Down)
+	f.set(a.Addr, NotReady, false)
+	e := ev.wait(t, a.ID, Unready)
+	if e.From != Up || e.Result.Outcome != NotReady {
+		t.Errorf("event %+v", e)
+	}
+	f.set(b.Addr, OK, false)
+	ev.wait(t, b.ID, Up)
+	if f.overlap.Load() {
+		t.Error("two probes of one backend overlapped")
+	}
+}
+
+// A hung backend costs one timeout per probe and delays nobody else.
+func TestManagerHungBackendIsBounded(t *testing.T) {
+	f := newFake()
+	m := newTestManager(t, f)
+	collect(t, m)
+	h := check(60 * time.Millisecond)
+	hung, fine := target(1, h), target(2, h)
+	f.set(hung.Addr, OK, true)
+	f.set(fine.Addr, OK, false)
+	start := time.Now()
+	if err := m.Update([]Target{hung, fine}); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	m.WaitFirst(ctx)
+	if m.State(hung.ID) != Down || m.State(fine.ID) != Up {
+		t.Fatalf("hung=%s fine=%s", m.State(hung.ID), m.State(fine.ID))
+	}
+	if el := time.Since(start); el > 2*time.Second {
+		t.Errorf("first round took %v with a hung backend (timeout %v)", el, h.Timeout)
+	}
+	for _, s := range m.Statuses() {
+		if s.ID == hung.ID && (s.Last.Err == nil || s.Last.Latency > time.Second) {
+			t.Errorf("hung probe result: %+v", s.Last)
+		}
+	}
+}
+
+// A reload keeps the state and history of backends that stay, even when
+// their check settings change, and stops probing removed ones.
+func TestManagerUpdateKeepsState(t *testing.T) {
+	f := newFake()
+	m := newTestManager(t, f)
+	ev := collect(t, m)
+	h := check(30 * time.Millisecond)
+	a, b := target(1, h), target(2, h)
+	f.set(a.Addr, OK, false)
+	f.set(b.Addr, OK, false)
+	if err := m.Update([]Target{a, b}); err != nil {
+		t.Fatal(err)
+	}
+	ev.wait(t, a.ID, Up)
+	before := m.Statuses()[0]
+	a2 := a
+	a2.Check.Interval, a2.Check.Timeout = 20*time.Millisecond, 10*time.Millisecond
+	if err := m.Update([]Target{a2}); err != nil {
+		t.Fatal(err)
+	}
+	if st := m.Statuses(); len(st) != 1 || st[0].State != Up || st[0].Transitions != before.Transitions || !st[0].Since.Equal(before.Since) {
+		t.Fatalf("after reload: %+v, before %+v", st, before)
+	}
+	// The removed backend is no longer probed while the kept one is.
+	counts := func() (int, int) { f.mu.Lock(); defer f.mu.Unlock(); return f.count[a.Addr], f.count[b.Addr] }
+	a0, b0 := counts()
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		an, bn := counts()
+		if bn > b0+1 { // one probe may have been in flight during Update
+			t.Fatalf("removed backend probed %d more times", bn-b0)
+		}
+		if an >= a0+5 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("kept backend not probed")
+		}
+		time.Sleep(5 * time.Millisecond) // polling the counters
+	}
+	if f.overlap.Load() {
+		t.Error("probes overlapped across the reload")
+	}
+	if m.State(b.ID) != Unknown {
+		t.Errorf("removed backend state %s", m.State(b.ID))
+	}
+}
+
+func TestManagerUpdateErrorChangesNothing(t *testing.T) {
+	f := newFake()
+	m := newTestManager(t, f)
+	collect(t, m)
+	h := check(30 * time.Millisecond)
+	a := target(1, h)
+	f.set(a.Addr, OK, false)
+	if err := m.Update([]Target{a}); err != nil {
+		t.Fatal(err)
+	}
+	m.newProber = func(vip.Health) (Prober, error) { return nil, errors.New("bad ca_file") }
+	b := target(2, vip.Health{Type: vip.CheckHTTPS, Interval: time.Second, Timeout: time.Millisecond})
+	if err := m.Update([]Target{b}); err == nil {
+		t.Fatal("Update with a failing prober succeeded")
+	}
+	if st := m.Statuses(); len(st) != 1 || st[0].ID != a.ID {
+		t.Errorf("a failed Update changed the targets: %+v", st)
+	}
+}
