@@ -11,6 +11,8 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/nftlb/nftlb/internal/flows"
+	"github.com/nftlb/nftlb/internal/health"
 	"github.com/nftlb/nftlb/internal/ruleset"
 	"github.com/nftlb/nftlb/internal/vip"
 )
@@ -28,30 +30,49 @@ func cmdRun(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "nftlb run: %v\n", err)
 		return exitUsage
 	}
-	// Signals are wired before the first apply so a SIGHUP sent during
+	// Signals are wired before anything else so a SIGHUP sent during
 	// start-up is not lost (nor kills the process).
 	sigs := make(chan os.Signal, 4)
 	signal.Notify(sigs, syscall.SIGHUP, syscall.SIGTERM, syscall.SIGINT)
 	defer signal.Stop(sigs)
 
-	d := &daemon{log: log, path: *path, applier: ruleset.NewApplier()}
+	d := &daemon{log: log, path: *path, applier: ruleset.NewApplier(), health: health.NewManager(),
+		pendingFlush: map[string]flushReq{}}
 	defer d.applier.Close()
+	defer d.health.Stop()
 	if err := d.start(); err != nil {
 		log.Error("start failed", "err", err)
 		return exitError
 	}
+	if d.flows != nil {
+		defer d.flows.Close()
+	}
 	return d.loop(context.Background(), sigs)
 }
 
-// daemon is the control loop. One goroutine owns the config and the
-// Applier, so every kernel change is serialized without locks.
+// daemon is the control loop. One goroutine owns the config, the Applier
+// and the flow resets, so every kernel change is serialized without locks;
+// probe loops only report events to it.
 type daemon struct {
 	log     *slog.Logger
 	path    string
 	cfg     *vip.Config
 	applier *ruleset.Applier
-	retry   *time.Timer // pending re-apply after a kernel error; nil when none
+	health  *health.Manager
+	flows   *flows.Flows // nil: client resets unavailable (logged at start)
+	retry   *time.Timer  // pending re-apply after a kernel error; nil when none
 	backoff time.Duration
+	// pendingFlush: backends that went down and whose clients are reset
+	// once the kernel no longer sends new connections to them.
+	pendingFlush map[string]flushReq
+}
+
+type flushReq struct {
+	pool    string
+	backend vip.Backend
+	proto   vip.Protocol
+	nudge   bool
+	decided time.Time // when the deciding probe finished
 }
 
 func (d *daemon) start() error {
@@ -61,11 +82,39 @@ func (d *daemon) start() error {
 		return errors.New("invalid config")
 	}
 	d.log.Info("starting", "version", version, "config", d.path, "table", cfg.Table, "pools", len(cfg.Pools))
+	if f, err := flows.New(); err != nil {
+		d.log.Error("clients of failed backends cannot be reset (needs CAP_NET_ADMIN and CAP_NET_RAW); they will wait for their own timeouts", "err", err)
+	} else {
+		d.flows = f
+		if !f.LooseTracking() {
+			d.log.Warn("net.netfilter.nf_conntrack_tcp_loose is 0: idle clients of failed backends cannot be nudged to reconnect")
+		}
+	}
+	if err := d.health.Update(health.TargetsOf(cfg)); err != nil {
+		return err
+	}
+	// The first apply waits for one round of probes (each bounded by its
+	// timeout), so nftlb neither sends traffic to a dead backend nor
+	// rejects traffic to a live one; a table left by a previous run keeps
+	// serving meanwhile.
+	d.waitFirstProbes(cfg)
 	if err := d.apply(cfg, "start"); err != nil {
 		return err
 	}
 	d.cfg = cfg
 	return nil
+}
+
+func (d *daemon) waitFirstProbes(cfg *vip.Config) {
+	longest := time.Duration(0)
+	for _, p := range cfg.Pools {
+		longest = max(longest, p.Health.Timeout)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), longest+500*time.Millisecond)
+	defer cancel()
+	start := time.Now()
+	d.health.WaitFirst(ctx)
+	d.log.Debug("first probe round done", "duration", time.Since(start))
 }
 
 func (d *daemon) loop(ctx context.Context, sigs <-chan os.Signal) int {
@@ -87,6 +136,8 @@ func (d *daemon) loop(ctx context.Context, sigs <-chan os.Signal) int {
 				d.log.Info("stopping; rules stay in the kernel", "signal", sig.String(), "table", d.cfg.Table)
 				return exitOK
 			}
+		case ev := <-d.health.Events():
+			d.healthChanged(ev)
 		case <-retry:
 			d.retry = nil
 			if err := d.apply(d.cfg, "retry"); err != nil {
@@ -96,17 +147,91 @@ func (d *daemon) loop(ctx context.Context, sigs <-chan os.Signal) int {
 	}
 }
 
-// reload validates the file completely before anything changes; an
-// invalid file, or one the kernel rejects, leaves the running rules as
-// they are.
+// healthChanged handles a burst of state changes with one transaction:
+// events already queued are taken along, so flapping backends cost one
+// apply per burst, not one per event.
+func (d *daemon) healthChanged(first health.Event) {
+	evs := []health.Event{first}
+	for more := true; more; {
+		select {
+		case ev := <-d.health.Events():
+			evs = append(evs, ev)
+		default:
+			more = false
+		}
+	}
+	for _, ev := range evs {
+		d.log.Info("backend state changed", "pool", ev.Target.Pool, "backend", ev.Target.Addr.String(),
+			"from", ev.From.String(), "to", ev.To.String(), "probe", ev.Result.String())
+		if ev.To == health.Down && ev.From != health.Down {
+			d.queueFlush(ev)
+		}
+	}
+	if err := d.apply(d.cfg, "health"); err != nil {
+		d.scheduleRetry(err)
+		return
+	}
+	for _, ev := range evs {
+		d.log.Info("probe to kernel", "pool", ev.Target.Pool, "backend", ev.Target.Addr.String(),
+			"to", ev.To.String(), "latency", time.Since(ev.Result.At))
+	}
+}
+
+// queueFlush records that a backend's clients must be reset, if it is
+// still in the config (an event can race a reload).
+func (d *daemon) queueFlush(ev health.Event) {
+	for i := range d.cfg.Pools {
+		p := &d.cfg.Pools[i]
+		for _, b := range p.Backends {
+			if p.ID(b) == ev.Target.ID {
+				d.pendingFlush[ev.Target.ID] = flushReq{pool: p.Name, backend: b, proto: p.Protocol,
+					nudge: p.Health.ResetClients && p.Protocol == vip.TCP, decided: ev.Result.At}
+			}
+		}
+	}
+}
+
+// flushPending resets the clients of backends that went down, now that
+// the kernel sends no new connection to them. A backend the rules still
+// use (on_all_down: serve-all) is left alone.
+func (d *daemon) flushPending(applied *ruleset.Table) {
+	for id, req := range d.pendingFlush {
+		delete(d.pendingFlush, id)
+		if p := applied.Pool(req.pool); p == nil || p.Uses(req.backend.Addr) {
+			continue
+		}
+		if d.flows == nil {
+			continue
+		}
+		res, err := d.flows.Flush(req.backend.Addr, string(req.proto), req.nudge)
+		if err != nil {
+			d.log.Error("resetting clients of a failed backend", "pool", req.pool, "backend", req.backend.Addr.String(), "err", err)
+			continue
+		}
+		d.log.Info("connections of failed backend flushed", "pool", req.pool, "backend", req.backend.Addr.String(),
+			"conntrack_deleted", res.Deleted, "clients_nudged", res.Nudged, "since_probe", time.Since(req.decided))
+	}
+}
+
+// reload validates the file completely, and prepares its health checks,
+// before anything changes; an invalid file, or one the kernel rejects,
+// leaves the running rules and config as they are.
 func (d *daemon) reload() {
 	cfg, err := vip.Load(d.path)
 	if err != nil {
 		logConfigErrors(d.log, "reload rejected: invalid config; keeping the running rules", err)
 		return
 	}
+	if err := d.health.Update(health.TargetsOf(cfg)); err != nil {
+		d.log.Error("reload rejected: keeping the running rules", "err", err)
+		return
+	}
+	d.waitFirstProbes(cfg) // only new backends have no result yet
 	if err := d.apply(cfg, "reload"); err != nil {
 		d.log.Error("reload rejected: kernel refused the new rules; keeping the running config", "err", err)
+		if err := d.health.Update(health.TargetsOf(d.cfg)); err != nil {
+			d.log.Error("restoring health checks", "err", err)
+		}
 		// The transaction failed as a whole, so the kernel still holds the
 		// old rules; the Applier forgot them, so re-assert them in full.
 		if err := d.apply(d.cfg, "restore"); err != nil {
@@ -117,12 +242,29 @@ func (d *daemon) reload() {
 	d.cfg = cfg
 }
 
+// desired is the state the kernel should have: each pool with the
+// backends whose health is Up, or all of them when none is and the pool
+// says on_all_down: serve-all.
 func (d *daemon) desired(cfg *vip.Config) *ruleset.Table {
-	return ruleset.Build(ruleset.FromConfig(cfg, func(*vip.Pool, vip.Backend) bool { return true }))
+	up := map[string]bool{}
+	anyUp := map[string]bool{}
+	for i := range cfg.Pools {
+		p := &cfg.Pools[i]
+		for _, b := range p.Backends {
+			if d.health.State(p.ID(b)) == health.Up {
+				up[p.ID(b)] = true
+				anyUp[p.Name] = true
+			}
+		}
+	}
+	return ruleset.Build(ruleset.FromConfig(cfg, func(p *vip.Pool, b vip.Backend) bool {
+		return up[p.ID(b)] || (!anyUp[p.Name] && p.Health.OnAllDown == vip.AllDownServeAll)
+	}))
 }
 
 func (d *daemon) apply(cfg *vip.Config, why string) error {
-	res, err := d.applier.Apply(d.desired(cfg))
+	next := d.desired(cfg)
+	res, err := d.applier.Apply(next)
 	if err != nil {
 		return err
 	}
@@ -133,14 +275,18 @@ func (d *daemon) apply(cfg *vip.Config, why string) error {
 	d.backoff = 0
 	if res.Plan.Empty() {
 		d.log.Info("ruleset unchanged", "why", why)
-		return nil
+	} else {
+		changed := make([]string, 0, len(res.Plan.Pools))
+		for _, c := range res.Plan.Pools {
+			changed = append(changed, c.Name)
+			if c.New != nil && len(c.New.Slots) == 0 {
+				d.log.Warn("pool has no usable backend: new connections are refused", "pool", c.Name)
+			}
+		}
+		d.log.Info("ruleset applied", "why", why, "table", cfg.Table, "full", res.Plan.Full,
+			"pools", len(cfg.Pools), "changed", changed, "duration", res.Duration)
 	}
-	changed := make([]string, 0, len(res.Plan.Pools))
-	for _, c := range res.Plan.Pools {
-		changed = append(changed, c.Name)
-	}
-	d.log.Info("ruleset applied", "why", why, "table", cfg.Table, "full", res.Plan.Full,
-		"pools", len(cfg.Pools), "changed", changed, "duration", res.Duration)
+	d.flushPending(next)
 	return nil
 }
 

@@ -171,3 +171,6 @@ func (p *Pool) sameDispatch(o *Pool) bool {
 func (p *Pool) sameRule(o *Pool) bool {
 	return p.Protocol == o.Protocol && p.Scheduler == o.Scheduler && len(p.Slots) == len(o.Slots)
 }
+
+// Uses reports whether the pool sends new connections to addr.
+func (p *Pool) Uses(addr netip.AddrPort) bool { return slices.Contains(p.Slots, addr) }
