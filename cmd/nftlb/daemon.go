@@ -143,6 +143,7 @@ func (d *daemon) loop(ctx context.Context, sigs <-chan os.Signal) int {
 			if err := d.apply(d.cfg, "retry"); err != nil {
 				d.scheduleRetry(err)
 			}
+			d.flushPending()
 		}
 	}
 }
@@ -175,6 +176,7 @@ func (d *daemon) healthChanged(first health.Event) {
 		d.log.Info("probe to kernel", "pool", ev.Target.Pool, "backend", ev.Target.Addr.String(),
 			"to", ev.To.String(), "latency", time.Since(ev.Result.At))
 	}
+	d.flushPending()
 }
 
 // queueFlush records that a backend's clients must be reset, if it is
@@ -194,7 +196,11 @@ func (d *daemon) queueFlush(ev health.Event) {
 // flushPending resets the clients of backends that went down, now that
 // the kernel sends no new connection to them. A backend the rules still
 // use (on_all_down: serve-all) is left alone.
-func (d *daemon) flushPending(applied *ruleset.Table) {
+func (d *daemon) flushPending() {
+	applied := d.applier.Applied()
+	if applied == nil {
+		return // the last apply failed; a retry is scheduled and flushes after it
+	}
 	for id, req := range d.pendingFlush {
 		delete(d.pendingFlush, id)
 		if p := applied.Pool(req.pool); p == nil || p.Uses(req.backend.Addr) {
@@ -286,7 +292,6 @@ func (d *daemon) apply(cfg *vip.Config, why string) error {
 		d.log.Info("ruleset applied", "why", why, "table", cfg.Table, "full", res.Plan.Full,
 			"pools", len(cfg.Pools), "changed", changed, "duration", res.Duration)
 	}
-	d.flushPending(next)
 	return nil
 }
 

@@ -9,13 +9,21 @@
 // Flush fixes both:
 //
 //  1. it deletes the conntrack entries whose reply source is the backend;
-//  2. for TCP it sends each affected client ONE out-of-window pure ACK from
-//     the flow's original destination (VIP:port) through a raw socket
-//     marked [ruleset.NudgeMark], which the table's nudge chain exempts
-//     from conntrack.
+//  2. for TCP it sends each affected client a pair of out-of-window pure
+//     ACKs (see [nudges]) from the flow's original destination (VIP:port)
+//     through a raw socket marked [ruleset.NudgeMark], which the table's
+//     nudge chain exempts from conntrack.
 //
-// The client answers the unacceptable ACK with a duplicate ACK (RFC 793
-// 3.9). With the entry gone, that ACK starts a new conntrack flow
+// We do not know the client's receive window, so one ACK with a random
+// sequence number would land inside it with probability window/2^32 and
+// leave that client untouched. The pair's sequence numbers are s and
+// s+2^31: a receive window is below 2^31 wide (at most 65535<<14 < 2^30),
+// so it cannot hold both and at least one ACK is out of window.
+//
+// The client answers an unacceptable ACK with a duplicate ACK (RFC 793
+// 3.9); it answers at most one of the pair, since Linux rate-limits those
+// answers per socket (net.ipv4.tcp_invalid_ratelimit), and one is enough.
+// With the entry gone, that ACK starts a new conntrack flow
 // (nf_conntrack_tcp_loose, on by default, picks up mid-stream ACKs), so
 // nftlb's rules DNAT it to a healthy backend. That backend has no such
 // socket and answers with a RST whose sequence number is the ACK's
@@ -128,15 +136,18 @@ type Result struct {
 	// Deleted is the number of conntrack entries deleted (including ones
 	// that vanished on their own between the dump and the delete).
 	Deleted int
-	// Nudged is the number of nudge ACKs sent.
+	// Nudged is the number of TCP clients nudged: clients, not packets.
+	// Each client is sent a pair of ACKs (see [nudges]) and counts once,
+	// when both were sent; a client with a failed send is reported in
+	// Flush's error instead.
 	Nudged int
 }
 
 // Flush deletes the conntrack entries of proto ("tcp" or "udp") whose reply
 // source is backend, the post-DNAT backend address and port, and, for TCP
-// with nudge set, sends the client of each deleted entry one out-of-window
-// ACK from the entry's original destination (VIP:port), after all the
-// deletions.
+// with nudge set, sends the client of each deleted entry a pair of
+// out-of-window ACKs (see [nudges]) from the entry's original destination
+// (VIP:port), after all the deletions.
 //
 // Only DNATed entries match (original destination differs from the reply
 // source): the LB host's own connections to the backend, such as health
@@ -183,13 +194,18 @@ func (f *Flows) Flush(backend netip.AddrPort, proto string, nudge bool) (Result,
 	}
 
 	for _, t := range m.targets {
-		pkt := buildNudge(nudgePacket{From: t.vip, To: t.client, Seq: rand.Uint32(), Ack: rand.Uint32(), ID: uint16(rand.Uint32())})
 		to := &unix.SockaddrInet4{Addr: t.client.Addr().As4()}
-		if err := unix.Sendto(f.raw, pkt, 0, to); err != nil {
-			errs = append(errs, fmt.Errorf("flows: nudge %s from %s: %w", t.client, t.vip, err))
-			continue
+		sent := 0
+		for i, n := range nudges(t, rand.Uint32(), rand.Uint32(), uint16(rand.Uint32())) {
+			if err := unix.Sendto(f.raw, buildNudge(n), 0, to); err != nil {
+				errs = append(errs, fmt.Errorf("flows: nudge %d/2 to %s from %s: %w", i+1, t.client, t.vip, err))
+				continue
+			}
+			sent++
 		}
-		res.Nudged++
+		if sent == 2 {
+			res.Nudged++
+		}
 	}
 	return res, errors.Join(errs...)
 }
@@ -251,6 +267,22 @@ func protoNumber(proto string) (uint8, error) {
 // nudgeTarget is one client to nudge: the ACK goes from vip to client.
 type nudgeTarget struct {
 	client, vip netip.AddrPort
+}
+
+// nudges returns the two ACKs that nudge t's client: sequence numbers seq
+// and seq+2^31 (mod 2^32), the same ack, IP IDs id and id+1. Whatever the
+// client's state, the sequence numbers it accepts in a bare ACK form one
+// range of at most window+1 numbers (RFC 793: rcv_nxt..rcv_nxt+window;
+// Linux's tcp_sequence: rcv_wup..rcv_wup+rcv_wnd, rcv_wup being rcv_nxt at
+// the last window update), and a window is at most 65535<<14 < 2^30. Two
+// numbers 2^31 apart cannot both lie in a range that short, so at least one
+// ACK of the pair is out of window and draws the duplicate ACK that resets
+// the client. Pure: the caller picks seq, ack and id.
+func nudges(t nudgeTarget, seq, ack uint32, id uint16) [2]nudgePacket {
+	n := nudgePacket{From: t.vip, To: t.client, Seq: seq, Ack: ack, ID: id}
+	m := n
+	m.Seq, m.ID = seq+1<<31, id+1
+	return [2]nudgePacket{n, m}
 }
 
 // backendMatcher is the netlink.CustomConntrackFilter of one Flush. It

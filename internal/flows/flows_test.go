@@ -407,8 +407,9 @@ func testFlushResets(t *testing.T, mode string, busy bool) {
 		t.Fatalf("Flush: %v", err)
 	}
 	t.Logf("Flush(%s) = %+v in %v", backend, r, end.Sub(start))
-	if r.Deleted < 1 || r.Nudged < 1 {
-		t.Errorf("Flush = %+v, want Deleted >= 1 and Nudged >= 1", r)
+	// One client: Nudged counts it once, though it was sent two ACKs.
+	if r.Deleted < 1 || r.Nudged != 1 {
+		t.Errorf("Flush = %+v, want Deleted >= 1 and Nudged 1", r)
 	}
 	waitReset(t, res, start, end)
 	e.assertNewConnectionsAvoid(ctx, name)

@@ -22,7 +22,7 @@ const (
 // nudgePacket is the variable part of one nudge packet.
 type nudgePacket struct {
 	From, To netip.AddrPort // From: VIP:port (the flow's original destination); To: client ip:port
-	Seq, Ack uint32         // random: any out-of-window value works
+	Seq, Ack uint32         // Seq out of the client's window (see nudges), Ack random
 	ID       uint16         // IPv4 identification
 }
 

@@ -84,3 +84,51 @@ func TestSumOddLength(t *testing.T) {
 		t.Errorf("fold(0x1fffe) = %#04x, want 0xffff", got)
 	}
 }
+
+// inWindow models the receiver's acceptability test for a bare ACK: seq
+// within lo..lo+window inclusive, modulo 2^32 (RFC 793 with lo = rcv_nxt;
+// Linux's tcp_sequence with lo = rcv_wup, window = rcv_wnd).
+func inWindow(seq, lo, window uint32) bool { return seq-lo <= window }
+
+func TestNudgesPair(t *testing.T) {
+	target := nudgeTarget{client: netip.MustParseAddrPort("198.18.0.2:40000"), vip: netip.MustParseAddrPort("198.18.100.1:80")}
+	const maxWindow = 65535 << 14 // the largest window TCP can advertise
+	seqs := []uint32{0, 1, 1<<31 - 1, 1 << 31, 1<<31 + 1, 0xfffffffe, 0xffffffff, 0xdeadbeef}
+	for _, seq := range seqs {
+		p := nudges(target, seq, 0x01020304, 0xffff)
+		a, b := p[0], p[1]
+		if a.From != target.vip || a.To != target.client || b.From != target.vip || b.To != target.client {
+			t.Errorf("seq %#x: addresses %v -> %v, %v -> %v, want %v -> %v", seq, a.From, a.To, b.From, b.To, target.vip, target.client)
+		}
+		if a.Ack != 0x01020304 || b.Ack != 0x01020304 {
+			t.Errorf("seq %#x: acks %#x, %#x, want both 0x01020304", seq, a.Ack, b.Ack)
+		}
+		if a.Seq != seq || b.Seq-a.Seq != 1<<31 || a.Seq-b.Seq != 1<<31 {
+			t.Errorf("seq %#x: seqs %#x, %#x, want %#x and +2^31", seq, a.Seq, b.Seq, seq)
+		}
+		if a.ID != 0xffff || b.ID != 0 {
+			t.Errorf("IDs %#x, %#x, want 0xffff, 0 (distinct)", a.ID, b.ID)
+		}
+		// The two packets differ only where they should.
+		pa, pb := buildNudge(a), buildNudge(b)
+		if binary.BigEndian.Uint32(pb[24:])-binary.BigEndian.Uint32(pa[24:]) != 1<<31 {
+			t.Errorf("seq %#x: built packets' seqs %x, %x", seq, pa[24:28], pb[24:28])
+		}
+
+		// Whatever the receiver's window position and size, not both are
+		// acceptable. Windows up to 2^31-1 would do; TCP's go to maxWindow.
+		for _, window := range []uint32{0, 1, 65535, maxWindow, 1<<31 - 1} {
+			for _, lo := range []uint32{0, seq, seq - 1, seq + 1, seq - window, seq + 1<<31, seq + 1<<31 - window, seq + 1<<31 + 1, 0xffffffff} {
+				if inWindow(a.Seq, lo, window) && inWindow(b.Seq, lo, window) {
+					t.Errorf("seq %#x: window %d at %#x accepts both %#x and %#x", seq, window, lo, a.Seq, b.Seq)
+				}
+			}
+		}
+	}
+	// A single random seq can land in the window; then the other one of
+	// the pair is the one that works.
+	p := nudges(target, 1000, 7, 1)
+	if !inWindow(p[0].Seq, 990, maxWindow) || inWindow(p[1].Seq, 990, maxWindow) {
+		t.Errorf("seq 1000 vs window at 990: want the first in window, the second out")
+	}
+}

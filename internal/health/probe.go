@@ -12,6 +12,7 @@ import (
 	"net/netip"
 	"os"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/nftlb/nftlb/internal/vip"
@@ -152,17 +153,29 @@ func (p *httpProber) Probe(ctx context.Context, target netip.AddrPort) Result {
 	return done(start, OK, nil)
 }
 
-// classify: a TLS certificate the probe rejects is an answer (the backend
-// is there, just not acceptable): drain it, don't reset its clients.
-// Everything else that prevents an answer is unreachable.
+// classify tells an answer that is not acceptable from no answer. A
+// backend that rejects or is rejected in the TLS handshake (a server
+// certificate the probe does not trust, a TLS alert such as "certificate
+// required", plain HTTP on an https check) is there: drain it, don't reset
+// its clients, because a probe misconfiguration would otherwise reset every
+// client of every backend. Everything else that prevents an answer
+// (refused, reset, timeout, unroutable) is unreachable.
 func classify(err error) Outcome {
 	var (
 		unknownAuthority x509.UnknownAuthorityError
 		hostname         x509.HostnameError
 		invalid          x509.CertificateInvalidError
 		verify           *tls.CertificateVerificationError
+		header           tls.RecordHeaderError
+		op               *net.OpError
 	)
-	if errors.As(err, &unknownAuthority) || errors.As(err, &hostname) || errors.As(err, &invalid) || errors.As(err, &verify) {
+	switch {
+	case errors.As(err, &unknownAuthority), errors.As(err, &hostname), errors.As(err, &invalid),
+		errors.As(err, &verify), errors.As(err, &header):
+		return NotReady
+	case errors.As(err, &op) && op.Op == "remote error": // crypto/tls: an alert from the server
+		return NotReady
+	case strings.Contains(err.Error(), "server gave HTTP response to HTTPS client"): // net/http drops the RecordHeaderError
 		return NotReady
 	}
 	return Unreachable
