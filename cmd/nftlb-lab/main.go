@@ -260,4 +260,3 @@ func (t *logTail) wait(ctx context.Context, substr string, n int, within time.Du
 	}
 	return nil
 }
-
