@@ -215,7 +215,7 @@ func assertKernelMatchesRender(t *testing.T, d *daemon, table string) {
 	}
 	live := nft(t, d.lab, "list", "table", "ip", table)
 	if a, b := ruleset.Canonical(live), ruleset.Canonical(render); a != b {
-		t.Fatalf("kernel table differs from nftlb render:\n--- kernel\n%s\n--- render\n%s", live, render)
+		t.Fatalf("kernel table differs from nftlb render (canonical forms):\n%s\n--- kernel\n%s\n--- render\n%s", lineDiff(a, b), live, render)
 	}
 }
 
@@ -243,4 +243,25 @@ func shares(t *testing.T, l *lab.Lab, addr string, n int) (map[string]int, []str
 		order = append(order, name)
 	}
 	return count, order
+}
+
+// lineDiff lists the lines only in a (-) and only in b (+).
+func lineDiff(a, b string) string {
+	count := map[string]int{}
+	for _, l := range strings.Split(a, "\n") {
+		count[l]++
+	}
+	for _, l := range strings.Split(b, "\n") {
+		count[l]--
+	}
+	var out []string
+	for l, n := range count {
+		for ; n > 0; n-- {
+			out = append(out, "- "+l)
+		}
+		for ; n < 0; n++ {
+			out = append(out, "+ "+l)
+		}
+	}
+	return strings.Join(out, "\n")
 }

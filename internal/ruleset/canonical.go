@@ -39,7 +39,7 @@ func Canonical(listing string) string {
 			line = strings.TrimSuffix(line, "}")
 			for _, e := range strings.Split(line, ",") {
 				if e = strings.TrimSpace(e); e != "" {
-					els = append(els, e)
+					els = append(els, counterValues.ReplaceAllString(e, "packets 0 bytes 0"))
 				}
 			}
 			inElements = !closed

@@ -8,6 +8,9 @@ type Plan struct {
 	Full       bool // replace the table (first apply, after a failure, table renamed)
 	Masquerade bool // the postrouting rule changes
 	Pools      []PoolChange
+	// Accounting elements to add and delete (backends added to or removed
+	// from the config); the others keep their counters.
+	AccountAdd, AccountDel []Endpoint
 }
 
 // PoolChange is one pool's difference between two tables.
@@ -20,7 +23,9 @@ type PoolChange struct {
 }
 
 // Empty reports whether applying the plan would change nothing.
-func (p Plan) Empty() bool { return !p.Full && !p.Masquerade && len(p.Pools) == 0 }
+func (p Plan) Empty() bool {
+	return !p.Full && !p.Masquerade && len(p.Pools) == 0 && len(p.AccountAdd) == 0 && len(p.AccountDel) == 0
+}
 
 // Diff computes the smallest change from prev (what the kernel has; nil if
 // unknown) to next. It is pure.
@@ -59,5 +64,26 @@ func Diff(prev, next *Table) Plan {
 	}
 	// Removals first: a removed pool may free the VIP:port an added one takes.
 	plan.Pools = append(plan.Pools, added...)
+	plan.AccountAdd, plan.AccountDel = sortedDiff(prev.Accounted, next.Accounted)
 	return plan
+}
+
+// sortedDiff returns what is in b but not a, and in a but not b; both
+// inputs are sorted and unique.
+func sortedDiff(a, b []Endpoint) (add, del []Endpoint) {
+	i, j := 0, 0
+	for i < len(a) || j < len(b) {
+		switch {
+		case j == len(b) || (i < len(a) && compareEndpoints(a[i], b[j]) < 0):
+			del = append(del, a[i])
+			i++
+		case i == len(a) || compareEndpoints(b[j], a[i]) < 0:
+			add = append(add, b[j])
+			j++
+		default:
+			i++
+			j++
+		}
+	}
+	return add, del
 }

@@ -11,6 +11,8 @@
 //	chain output             nat hook output priority -100: the same, for the LB host's own connections
 //	chain postrouting        nat hook postrouting priority srcnat: masquerade what we marked
 //	chain nudge              filter hook output priority raw: notrack nftlb's client nudges
+//	set backends-conn/-tx/-rx every configured backend, with per-element counters
+//	chain forward            filter hook forward priority filter: count DNATed traffic per backend
 //	chain pool-NAME          mark, count, dnat to numgen/jhash map @pool-NAME (or reject when empty)
 //
 // Dispatch is a single hash lookup whatever the number of pools, and a
@@ -51,6 +53,13 @@ const (
 	chainOutput     = "output"
 	chainPost       = "postrouting"
 	chainNudge      = "nudge"
+	chainForward    = "forward"
+	// Per-backend accounting sets: new connections, packets/bytes to the
+	// backend and from it. Their elements are the configured backends, not
+	// the healthy ones, so health flaps never reset their counters.
+	setConn = "backends-conn"
+	setTx   = "backends-tx"
+	setRx   = "backends-rx"
 )
 
 // Spec is the desired state: what the kernel should do right now.
@@ -58,6 +67,24 @@ type Spec struct {
 	Table      string
 	Masquerade bool
 	Pools      []PoolSpec
+	// Accounted are the backends counted per backend (every configured
+	// backend, healthy or not).
+	Accounted []Endpoint
+}
+
+// Endpoint is a backend as the kernel sees it: address, protocol, port.
+type Endpoint struct {
+	Addr     netip.AddrPort
+	Protocol vip.Protocol
+}
+
+func (e Endpoint) String() string { return e.Addr.String() + "/" + string(e.Protocol) }
+
+func compareEndpoints(a, b Endpoint) int {
+	if c := a.Addr.Compare(b.Addr); c != 0 {
+		return c
+	}
+	return strings.Compare(string(a.Protocol), string(b.Protocol))
 }
 
 // PoolSpec is one pool with only its usable backends.
@@ -81,6 +108,7 @@ func FromConfig(cfg *vip.Config, usable func(pool *vip.Pool, b vip.Backend) bool
 			if usable(p, b) {
 				ps.Backends = append(ps.Backends, b)
 			}
+			s.Accounted = append(s.Accounted, Endpoint{Addr: b.Addr, Protocol: p.Protocol})
 		}
 		s.Pools = append(s.Pools, ps)
 	}
@@ -91,7 +119,8 @@ func FromConfig(cfg *vip.Config, usable func(pool *vip.Pool, b vip.Backend) bool
 type Table struct {
 	Name       string
 	Masquerade bool
-	Pools      []Pool // sorted by name
+	Pools      []Pool     // sorted by name
+	Accounted  []Endpoint // sorted, unique
 }
 
 // Pool is one pool as programmed: its dispatch key and its slots.
@@ -123,6 +152,9 @@ func Build(s Spec) *Table {
 		})
 	}
 	slices.SortFunc(t.Pools, func(a, b Pool) int { return strings.Compare(a.Name, b.Name) })
+	t.Accounted = slices.Clone(s.Accounted)
+	slices.SortFunc(t.Accounted, compareEndpoints)
+	t.Accounted = slices.Compact(t.Accounted)
 	return t
 }
 

@@ -3,6 +3,7 @@ package ruleset
 import (
 	"encoding/binary"
 	"fmt"
+	"net/netip"
 	"slices"
 
 	"github.com/google/nftables"
@@ -75,6 +76,20 @@ func queue(b batch, prev, next *Table, plan Plan) error {
 	if err := addElements(b, svc, addKeys); err != nil {
 		return fmt.Errorf("add dispatch elements: %w", err)
 	}
+	if len(plan.AccountDel) > 0 {
+		for _, set := range accountingSets(tbl) {
+			for chunk := range slices.Chunk(endpointElements(plan.AccountDel), maxElementsPerMsg) {
+				if err := b.SetDeleteElements(set, chunk); err != nil {
+					return fmt.Errorf("delete %s elements: %w", set.Name, err)
+				}
+			}
+		}
+	}
+	for _, set := range accountingSets(tbl) {
+		if err := addElements(b, set, endpointElements(plan.AccountAdd)); err != nil {
+			return fmt.Errorf("add %s elements: %w", set.Name, err)
+		}
+	}
 	if plan.Masquerade {
 		post := &nftables.Chain{Name: chainPost, Table: tbl}
 		b.FlushChain(post)
@@ -125,7 +140,79 @@ func queueFull(b batch, t *Table) error {
 		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: binaryutil.NativeEndian.PutUint32(NudgeMark)},
 		&expr.Notrack{},
 	}})
+	return queueAccounting(b, tbl, t)
+}
+
+// queueAccounting adds the per-backend counting sets and the forward chain
+// that feeds them. Lookups in a set with the counter flag count the
+// matching element: new connections, packets and bytes to and from each
+// backend of a connection nftlb (or anyone) DNATed.
+func queueAccounting(b batch, tbl *nftables.Table, t *Table) error {
+	sets := accountingSets(tbl)
+	for _, set := range sets {
+		if err := addSet(b, set, endpointElements(t.Accounted)); err != nil {
+			return fmt.Errorf("%s: %w", set.Name, err)
+		}
+	}
+	accept := nftables.ChainPolicyAccept
+	fwd := b.AddChain(&nftables.Chain{Name: chainForward, Table: tbl, Type: nftables.ChainTypeFilter,
+		Hooknum: nftables.ChainHookForward, Priority: nftables.ChainPriorityFilter, Policy: &accept})
+	dnat := ctBitSet(expr.CtKeySTATUS, 0x20) // IPS_DST_NAT
+	newConn := ctBitSet(expr.CtKeySTATE, expr.CtStateBitNEW)
+	b.AddRule(&nftables.Rule{Table: tbl, Chain: fwd, Exprs: slices.Concat(newConn, dnat, endpointLookup(sets[0], 16, 2))})
+	b.AddRule(&nftables.Rule{Table: tbl, Chain: fwd, Exprs: slices.Concat(dnat, endpointLookup(sets[1], 16, 2))})
+	b.AddRule(&nftables.Rule{Table: tbl, Chain: fwd, Exprs: slices.Concat(dnat, endpointLookup(sets[2], 12, 0))})
 	return nil
+}
+
+func accountingSets(tbl *nftables.Table) []*nftables.Set {
+	var out []*nftables.Set
+	for _, name := range []string{setConn, setTx, setRx} {
+		out = append(out, &nftables.Set{
+			Table: tbl, Name: name, Concatenation: true, Counter: true,
+			KeyType: nftables.MustConcatSetType(nftables.TypeIPAddr, nftables.TypeInetProto, nftables.TypeInetService),
+		})
+	}
+	return out
+}
+
+func endpointElements(es []Endpoint) []nftables.SetElement {
+	els := make([]nftables.SetElement, len(es))
+	for i, e := range es {
+		els[i] = nftables.SetElement{Key: endpointKey(e.Addr, e.Protocol)}
+	}
+	return els
+}
+
+// endpointKey is addr . l4proto . port, each field padded to 4 bytes.
+func endpointKey(a netip.AddrPort, p vip.Protocol) []byte {
+	key := make([]byte, 12)
+	copy(key[0:4], a.Addr().AsSlice())
+	key[4] = protoNum(p)
+	binary.BigEndian.PutUint16(key[8:10], a.Port())
+	return key
+}
+
+// ctBitSet: ct KEY & bit != 0 (ct state and ct status have no direction,
+// which google/nftables v0.3.0 would mis-encode).
+func ctBitSet(key expr.CtKey, bit uint32) []expr.Any {
+	return []expr.Any{
+		&expr.Ct{Register: 1, Key: key},
+		&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 4,
+			Mask: binaryutil.NativeEndian.PutUint32(bit), Xor: make([]byte, 4)},
+		&expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: make([]byte, 4)},
+	}
+}
+
+// endpointLookup: ip ADDR . meta l4proto . th PORT @set, ADDR and PORT at
+// the given network and transport header offsets.
+func endpointLookup(set *nftables.Set, addrOff, portOff uint32) []expr.Any {
+	return []expr.Any{
+		&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: addrOff, Len: 4},
+		&expr.Meta{Key: expr.MetaKeyL4PROTO, Register: unix.NFT_REG32_01},
+		&expr.Payload{DestRegister: unix.NFT_REG32_02, Base: expr.PayloadBaseTransportHeader, Offset: portOff, Len: 2},
+		&expr.Lookup{SourceRegister: 1, SetName: set.Name, SetID: set.ID},
+	}
 }
 
 func queuePoolAdd(b batch, tbl *nftables.Table, p *Pool) error {
@@ -224,10 +311,7 @@ func protoNum(p vip.Protocol) byte {
 // dispatchElement is vip . l4proto . port; each field of a concatenation
 // is padded to 4 bytes.
 func (p *Pool) dispatchElement() nftables.SetElement {
-	key := make([]byte, 12)
-	copy(key[0:4], p.VIP.AsSlice())
-	key[4] = protoNum(p.Protocol)
-	binary.BigEndian.PutUint16(key[8:10], p.Port)
+	key := endpointKey(netip.AddrPortFrom(p.VIP, p.Port), p.Protocol)
 	return nftables.SetElement{Key: key, VerdictData: &expr.Verdict{Kind: expr.VerdictGoto, Chain: p.Chain()}}
 }
 

@@ -24,6 +24,17 @@ func pool(name, vipAddr string, port uint16, bs ...vip.Backend) PoolSpec {
 		Protocol: vip.TCP, Scheduler: vip.RoundRobin, Backends: bs}
 }
 
+// accounted lists every backend of the spec's pools for accounting, as
+// FromConfig does (there, healthy or not).
+func accounted(s Spec) Spec {
+	for _, p := range s.Pools {
+		for _, b := range p.Backends {
+			s.Accounted = append(s.Accounted, Endpoint{Addr: b.Addr, Protocol: p.Protocol})
+		}
+	}
+	return s
+}
+
 // goldenSpecs are the shapes an operator meets: the README example, every
 // scheduler, weights, a NodePort-style port change, empty pools, UDP.
 func goldenSpecs() map[string]Spec {
@@ -33,7 +44,7 @@ func goldenSpecs() map[string]Spec {
 	rnd.Protocol, rnd.Scheduler = vip.UDP, vip.Random
 	emptyUDP := pool("syslog", "198.18.100.4", 514)
 	emptyUDP.Protocol = vip.UDP
-	return map[string]Spec{
+	specs := map[string]Spec{
 		"readme": {Table: "nftlb", Masquerade: true, Pools: []PoolSpec{
 			pool("kube-apiserver", "198.18.100.1", 6443,
 				be("198.18.1.11:6443", 1), be("198.18.1.12:6443", 1), be("198.18.1.13:6443", 1)),
@@ -48,6 +59,10 @@ func goldenSpecs() map[string]Spec {
 		}},
 		"no-pools": {Table: "nftlb", Masquerade: true},
 	}
+	for name, s := range specs {
+		specs[name] = accounted(s)
+	}
+	return specs
 }
 
 func TestTextGolden(t *testing.T) {
@@ -230,7 +245,7 @@ func manyPools(n int) Spec {
 			fmt.Sprintf("198.18.%d.%d", 100+i/250, 1+i%250), 443,
 			be("198.18.1.11:443", 1), be("198.18.1.12:443", 1), be("198.18.1.13:443", 1)))
 	}
-	return s
+	return accounted(s)
 }
 
 func TestQueueShapes(t *testing.T) {
@@ -270,7 +285,10 @@ func TestQueueShapes(t *testing.T) {
 			[]string{"add-table nftlb", "del-table nftlb", "add-table nftlb",
 				"add-counter pool-p00000", "add-set pool-p00000/0", "add-elements pool-p00000/3", "add-chain pool-p00000", "add-rule pool-p00000",
 				"add-set services/0", "add-elements services/1", "add-chain prerouting", "add-chain output", "add-chain postrouting", "add-chain nudge",
-				"add-rule prerouting", "add-rule output", "add-rule postrouting", "add-rule nudge"}},
+				"add-rule prerouting", "add-rule output", "add-rule postrouting", "add-rule nudge",
+				"add-set backends-conn/0", "add-elements backends-conn/3", "add-set backends-tx/0", "add-elements backends-tx/3",
+				"add-set backends-rx/0", "add-elements backends-rx/3", "add-chain forward",
+				"add-rule forward", "add-rule forward", "add-rule forward"}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -342,6 +360,11 @@ func TestCanonical(t *testing.T) {
 `
 	if a, b := Canonical(kernel), Canonical(render); a != b {
 		t.Errorf("canonical forms differ:\n%s\n---\n%s", a, b)
+	}
+	zero := strings.Replace(render, "tcp . 80 :", "tcp . 80 counter packets 0 bytes 0 :", 1)
+	live := strings.Replace(render, "tcp . 80 :", "tcp . 80 counter packets 9 bytes 99 :", 1)
+	if a, b := Canonical(zero), Canonical(live); a != b {
+		t.Errorf("element counter values not normalized:\n%s\n---\n%s", a, b)
 	}
 	if a, b := Canonical(render), Canonical(strings.Replace(render, "198.18.1.12", "198.18.1.13", 1)); a == b {
 		t.Error("canonical form hid a different element")

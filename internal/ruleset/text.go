@@ -30,6 +30,15 @@ func (t *Table) Text() string {
 	}
 	writeElements(&b, svc)
 	b.WriteString("\t}\n\n")
+	var acct []string
+	for _, e := range t.Accounted {
+		acct = append(acct, fmt.Sprintf("%s . %s . %d counter packets 0 bytes 0", e.Addr.Addr(), e.Protocol, e.Addr.Port()))
+	}
+	for _, name := range []string{setConn, setTx, setRx} {
+		b.WriteString("\tset " + name + " {\n\t\ttype ipv4_addr . inet_proto . inet_service\n\t\tcounter\n")
+		writeElements(&b, acct)
+		b.WriteString("\t}\n\n")
+	}
 
 	for _, p := range t.Pools {
 		writeChain(&b, p.Chain(), "", p.ruleText())
@@ -45,6 +54,10 @@ func (t *Table) Text() string {
 	writeChain(&b, chainPost, "type nat hook postrouting priority srcnat; policy accept;", post...)
 	writeChain(&b, chainNudge, "type filter hook output priority raw; policy accept;",
 		fmt.Sprintf("meta mark 0x%08x notrack", NudgeMark))
+	writeChain(&b, chainForward, "type filter hook forward priority filter; policy accept;",
+		"ct state new ct status dnat ip daddr . meta l4proto . th dport @"+setConn,
+		"ct status dnat ip daddr . meta l4proto . th dport @"+setTx,
+		"ct status dnat ip saddr . meta l4proto . th sport @"+setRx)
 	s := strings.TrimSuffix(b.String(), "\n")
 	return s + "}\n"
 }
