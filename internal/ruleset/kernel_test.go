@@ -4,6 +4,7 @@ import (
 	"crypto/rand"
 	"encoding/hex"
 	"errors"
+	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -15,6 +16,7 @@ import (
 	"github.com/vishvananda/netns"
 
 	"github.com/nftlb/nftlb/internal/lab"
+	"github.com/nftlb/nftlb/internal/vip"
 )
 
 // scratchNS is an empty network namespace for one test, deleted on cleanup.
@@ -196,4 +198,33 @@ func TestLargeTableIsComplete(t *testing.T) {
 		t.Fatal(err)
 	}
 	assertKernelMatches(t, ns, tbl)
+}
+
+func TestReaderCounters(t *testing.T) {
+	ns := newScratchNS(t)
+	spec := goldenSpecs()["readme"]
+	if _, err := ns.applier().Apply(Build(spec)); err != nil {
+		t.Fatal(err)
+	}
+	// Counters as a live table would have them.
+	ns.nft("reset", "counters", "table", "ip", "nftlb")
+	r := NewReader(nftables.WithNetNSFd(int(ns.fd)))
+	t.Cleanup(func() { _ = r.Close() })
+	c, err := r.Counters("nftlb")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(c.Pools) != 2 || len(c.Backends) != 5 {
+		t.Errorf("counters: %d pools, %d backends; want 2 and 5: %+v", len(c.Pools), len(c.Backends), c)
+	}
+	if _, ok := c.Pools["kube-apiserver"]; !ok {
+		t.Errorf("no counter for pool kube-apiserver: %+v", c.Pools)
+	}
+	e := Endpoint{Addr: netip.MustParseAddrPort("198.18.1.12:30080"), Protocol: vip.TCP}
+	if _, ok := c.Backends[e]; !ok {
+		t.Errorf("no counters for %s: %+v", e, c.Backends)
+	}
+	if _, err := r.Counters("missing"); err == nil {
+		t.Error("Counters of a missing table: no error")
+	}
 }

@@ -1,0 +1,132 @@
+package ruleset
+
+import (
+	"encoding/binary"
+	"fmt"
+	"net/netip"
+	"strings"
+	"sync"
+
+	"github.com/google/nftables"
+	"github.com/google/nftables/expr"
+
+	"github.com/nftlb/nftlb/internal/vip"
+)
+
+// Counters are the kernel's counts in nftlb's table.
+type Counters struct {
+	Pools    map[string]uint64 // pool name -> new connections (its named counter)
+	Backends map[Endpoint]BackendCounters
+}
+
+// BackendCounters are one backend's counts from the accounting sets: new
+// connections and traffic of connections DNATed to it, routed through the
+// LB (the LB host's own connections do not pass the forward hook).
+type BackendCounters struct {
+	Connections        uint64
+	TxPackets, TxBytes uint64 // towards the backend
+	RxPackets, RxBytes uint64 // from the backend
+}
+
+// Reader reads counters on a connection of its own, so that metrics
+// scrapes never share the Applier's (which the control loop owns). It is
+// safe for concurrent use.
+type Reader struct {
+	mu   sync.Mutex
+	opts []nftables.ConnOption
+	conn *nftables.Conn
+}
+
+// NewReader returns a Reader; opts as for NewApplier.
+func NewReader(opts ...nftables.ConnOption) *Reader { return &Reader{opts: opts} }
+
+// Close releases the netlink socket.
+func (r *Reader) Close() error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.conn == nil {
+		return nil
+	}
+	err := r.conn.CloseLasting()
+	r.conn = nil
+	return err
+}
+
+// Counters reads every pool counter and accounting element of table ip name.
+func (r *Reader) Counters(name string) (Counters, error) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.conn == nil {
+		c, err := nftables.New(append([]nftables.ConnOption{nftables.AsLasting()}, r.opts...)...)
+		if err != nil {
+			return Counters{}, fmt.Errorf("open netlink: %w", err)
+		}
+		r.conn = c
+	}
+	out, err := readCounters(r.conn, name)
+	if err != nil {
+		// A failed dump can leave the socket out of step; start afresh.
+		_ = r.conn.CloseLasting()
+		r.conn = nil
+	}
+	return out, err
+}
+
+func readCounters(c *nftables.Conn, name string) (Counters, error) {
+	tbl := nlTable(name)
+	out := Counters{Pools: map[string]uint64{}, Backends: map[Endpoint]BackendCounters{}}
+	objs, err := c.GetNamedObjects(tbl)
+	if err != nil {
+		return out, fmt.Errorf("read counters of table ip %s: %w", name, err)
+	}
+	for _, o := range objs {
+		no, ok := o.(*nftables.NamedObj)
+		if !ok || no.Type != nftables.ObjTypeCounter || !strings.HasPrefix(no.Name, "pool-") {
+			continue
+		}
+		if ctr, ok := no.Obj.(*expr.Counter); ok {
+			out.Pools[strings.TrimPrefix(no.Name, "pool-")] = ctr.Packets
+		}
+	}
+	for _, set := range accountingSets(tbl) {
+		els, err := c.GetSetElements(set)
+		if err != nil {
+			return out, fmt.Errorf("read set %s of table ip %s: %w", set.Name, name, err)
+		}
+		for _, el := range els {
+			e, ok := endpointFromKey(el.Key)
+			if !ok || el.Counter == nil {
+				continue
+			}
+			bc := out.Backends[e]
+			switch set.Name {
+			case setConn:
+				bc.Connections = el.Counter.Packets
+			case setTx:
+				bc.TxPackets, bc.TxBytes = el.Counter.Packets, el.Counter.Bytes
+			case setRx:
+				bc.RxPackets, bc.RxBytes = el.Counter.Packets, el.Counter.Bytes
+			}
+			out.Backends[e] = bc
+		}
+	}
+	return out, nil
+}
+
+// endpointFromKey decodes endpointKey's layout.
+func endpointFromKey(k []byte) (Endpoint, bool) {
+	if len(k) < 10 {
+		return Endpoint{}, false
+	}
+	addr := netip.AddrFrom4([4]byte(k[0:4]))
+	var p vip.Protocol
+	switch k[4] {
+	case protoNum(vip.TCP):
+		p = vip.TCP
+	case protoNum(vip.UDP):
+		p = vip.UDP
+	default:
+		return Endpoint{}, false
+	}
+	return Endpoint{Addr: netip.AddrPortFrom(addr, binary.BigEndian.Uint16(k[8:10])), Protocol: p}, true
+}
