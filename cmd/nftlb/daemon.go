@@ -8,11 +8,15 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
+	"sync/atomic"
 	"syscall"
 	"time"
 
+	sddaemon "github.com/coreos/go-systemd/v22/daemon"
+
 	"github.com/nftlb/nftlb/internal/flows"
 	"github.com/nftlb/nftlb/internal/health"
+	"github.com/nftlb/nftlb/internal/metrics"
 	"github.com/nftlb/nftlb/internal/ruleset"
 	"github.com/nftlb/nftlb/internal/vip"
 )
@@ -36,18 +40,41 @@ func cmdRun(args []string, stdout, stderr io.Writer) int {
 	signal.Notify(sigs, syscall.SIGHUP, syscall.SIGTERM, syscall.SIGINT)
 	defer signal.Stop(sigs)
 
-	d := &daemon{log: log, path: *path, applier: ruleset.NewApplier(), health: health.NewManager(),
-		pendingFlush: map[string]flushReq{}}
-	defer d.applier.Close()
-	defer d.health.Stop()
+	d := newDaemon(log, *path)
+	defer d.close()
 	if err := d.start(); err != nil {
 		log.Error("start failed", "err", err)
 		return exitError
 	}
+	d.notify(sddaemon.SdNotifyReady)
+	code := d.loop(context.Background(), sigs)
+	d.notify(sddaemon.SdNotifyStopping)
+	return code
+}
+
+func newDaemon(log *slog.Logger, path string) *daemon {
+	d := &daemon{log: log, path: path, applier: ruleset.NewApplier(), health: health.NewManager(),
+		counters: ruleset.NewReader(), pendingFlush: map[string]flushReq{}}
+	d.metrics = metrics.New(metrics.Sources{
+		Config:   d.running.Load,
+		Health:   d.health.Statuses,
+		Counters: d.counters.Counters,
+		Active:   d.activeConnections,
+	}, version)
+	d.health.SetObserver(func(t health.Target, r health.Result) {
+		d.metrics.ProbeDuration.WithLabelValues(t.Pool).Observe(r.Latency.Seconds())
+	})
+	return d
+}
+
+func (d *daemon) close() {
+	d.closeListener()
+	d.health.Stop()
+	_ = d.applier.Close()
+	_ = d.counters.Close()
 	if d.flows != nil {
-		defer d.flows.Close()
+		_ = d.flows.Close()
 	}
-	return d.loop(context.Background(), sigs)
 }
 
 // daemon is the control loop. One goroutine owns the config, the Applier
@@ -57,9 +84,14 @@ type daemon struct {
 	log     *slog.Logger
 	path    string
 	cfg     *vip.Config
+	running atomic.Pointer[vip.Config] // cfg, for the HTTP handlers
 	applier *ruleset.Applier
 	health  *health.Manager
 	flows   *flows.Flows // nil: client resets unavailable (logged at start)
+	// counters reads kernel counters for scrapes, on its own socket.
+	counters *ruleset.Reader
+	metrics  *metrics.Metrics
+	http     *listener
 	retry   *time.Timer  // pending re-apply after a kernel error; nil when none
 	backoff time.Duration
 	// pendingFlush: backends that went down and whose clients are reset
@@ -82,6 +114,10 @@ func (d *daemon) start() error {
 		return errors.New("invalid config")
 	}
 	d.log.Info("starting", "version", version, "config", d.path, "table", cfg.Table, "pools", len(cfg.Pools))
+	d.checkForwarding()
+	if err := d.listen(cfg.Metrics.Listen); err != nil {
+		return err
+	}
 	if f, err := flows.New(); err != nil {
 		d.log.Error("clients of failed backends cannot be reset (needs CAP_NET_ADMIN and CAP_NET_RAW); they will wait for their own timeouts", "err", err)
 	} else {
@@ -101,8 +137,14 @@ func (d *daemon) start() error {
 	if err := d.apply(cfg, "start"); err != nil {
 		return err
 	}
-	d.cfg = cfg
+	d.setConfig(cfg)
 	return nil
+}
+
+func (d *daemon) setConfig(cfg *vip.Config) {
+	d.cfg = cfg
+	d.running.Store(cfg)
+	d.metrics.ReloadResult(true, time.Now())
 }
 
 func (d *daemon) waitFirstProbes(cfg *vip.Config) {
@@ -118,18 +160,30 @@ func (d *daemon) waitFirstProbes(cfg *vip.Config) {
 }
 
 func (d *daemon) loop(ctx context.Context, sigs <-chan os.Signal) int {
+	// The watchdog is fed from this loop, so a stuck loop (not just a
+	// stuck process) gets nftlb restarted.
+	var watchdog <-chan time.Time
+	if every, err := sddaemon.SdWatchdogEnabled(false); err == nil && every > 0 {
+		t := time.NewTicker(every / 2)
+		defer t.Stop()
+		watchdog = t.C
+	}
 	for {
 		var retry <-chan time.Time
 		if d.retry != nil {
 			retry = d.retry.C
 		}
 		select {
+		case <-watchdog:
+			d.notify(sddaemon.SdNotifyWatchdog)
 		case <-ctx.Done():
 			return exitOK
 		case sig := <-sigs:
 			switch sig {
 			case syscall.SIGHUP:
+				d.notify(reloadingState())
 				d.reload()
+				d.notify(sddaemon.SdNotifyReady)
 			default:
 				// The rules stay: a restart or upgrade drops no traffic, and
 				// `nftlb cleanup` is the way to remove them.
@@ -164,6 +218,7 @@ func (d *daemon) healthChanged(first health.Event) {
 	for _, ev := range evs {
 		d.log.Info("backend state changed", "pool", ev.Target.Pool, "backend", ev.Target.Addr.String(),
 			"from", ev.From.String(), "to", ev.To.String(), "probe", ev.Result.String())
+		d.metrics.Transitions.WithLabelValues(ev.Target.Pool, ev.Target.Addr.String(), ev.To.String()).Inc()
 		if ev.To == health.Down && ev.From != health.Down {
 			d.queueFlush(ev)
 		}
@@ -173,8 +228,10 @@ func (d *daemon) healthChanged(first health.Event) {
 		return
 	}
 	for _, ev := range evs {
+		latency := time.Since(ev.Result.At)
+		d.metrics.ProbeToKernel.Observe(latency.Seconds())
 		d.log.Info("probe to kernel", "pool", ev.Target.Pool, "backend", ev.Target.Addr.String(),
-			"to", ev.To.String(), "latency", time.Since(ev.Result.At))
+			"to", ev.To.String(), "latency", latency)
 	}
 	d.flushPending()
 }
@@ -214,6 +271,7 @@ func (d *daemon) flushPending() {
 			d.log.Error("resetting clients of a failed backend", "pool", req.pool, "backend", req.backend.Addr.String(), "err", err)
 			continue
 		}
+		d.metrics.ClientsReset.Add(float64(res.Nudged))
 		d.log.Info("connections of failed backend flushed", "pool", req.pool, "backend", req.backend.Addr.String(),
 			"conntrack_deleted", res.Deleted, "clients_nudged", res.Nudged, "since_probe", time.Since(req.decided))
 	}
@@ -226,15 +284,26 @@ func (d *daemon) reload() {
 	cfg, err := vip.Load(d.path)
 	if err != nil {
 		logConfigErrors(d.log, "reload rejected: invalid config; keeping the running rules", err)
+		d.metrics.ReloadResult(false, time.Now())
+		return
+	}
+	d.checkForwarding()
+	if err := d.listen(cfg.Metrics.Listen); err != nil {
+		d.log.Error("reload rejected: keeping the running rules", "err", err)
+		d.metrics.ReloadResult(false, time.Now())
 		return
 	}
 	if err := d.health.Update(health.TargetsOf(cfg)); err != nil {
 		d.log.Error("reload rejected: keeping the running rules", "err", err)
+		d.metrics.ReloadResult(false, time.Now())
+		_ = d.listen(d.cfg.Metrics.Listen)
 		return
 	}
 	d.waitFirstProbes(cfg) // only new backends have no result yet
 	if err := d.apply(cfg, "reload"); err != nil {
 		d.log.Error("reload rejected: kernel refused the new rules; keeping the running config", "err", err)
+		d.metrics.ReloadResult(false, time.Now())
+		_ = d.listen(d.cfg.Metrics.Listen)
 		if err := d.health.Update(health.TargetsOf(d.cfg)); err != nil {
 			d.log.Error("restoring health checks", "err", err)
 		}
@@ -245,7 +314,7 @@ func (d *daemon) reload() {
 		}
 		return
 	}
-	d.cfg = cfg
+	d.setConfig(cfg)
 }
 
 // desired is the state the kernel should have: each pool with the
@@ -272,7 +341,11 @@ func (d *daemon) apply(cfg *vip.Config, why string) error {
 	next := d.desired(cfg)
 	res, err := d.applier.Apply(next)
 	if err != nil {
+		d.metrics.ApplyErrors.Inc()
 		return err
+	}
+	if !res.Plan.Empty() {
+		d.metrics.ApplyDuration.Observe(res.Duration.Seconds())
 	}
 	if d.retry != nil {
 		d.retry.Stop()

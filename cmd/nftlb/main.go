@@ -4,6 +4,7 @@
 //	nftlb run     -config F   apply, then serve until SIGTERM; SIGHUP reloads
 //	nftlb check   -config F   validate F (exit 1 with every error)
 //	nftlb render  -config F   print the ruleset F describes, as nft syntax
+//	nftlb status  [-addr A]   print a running daemon's pools and backends
 //	nftlb cleanup [-table T]  remove nftlb's table, nothing else
 //	nftlb version
 package main
@@ -43,6 +44,7 @@ var commands = []struct {
 	{"run", "apply the config, then keep it applied until SIGTERM (SIGHUP reloads)", cmdRun},
 	{"check", "validate a config file; exit 1 with every error", cmdCheck},
 	{"render", "print the nftables ruleset a config describes (nft syntax)", cmdRender},
+	{"status", "print a running nftlb's pools and backends", cmdStatus},
 	{"cleanup", "remove nftlb's table from the kernel, and nothing else", cmdCleanup},
 	{"version", "print the version", cmdVersion},
 }

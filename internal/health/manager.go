@@ -72,7 +72,13 @@ type Manager struct {
 
 	// newProber is NewProber; tests replace it.
 	newProber func(vip.Health) (Prober, error)
+	// observe, if set, sees every probe result (for metrics).
+	observe func(Target, Result)
 }
+
+// SetObserver makes f see every probe result, from the probe loops'
+// goroutines. Call it before the first Update.
+func (m *Manager) SetObserver(f func(Target, Result)) { m.observe = f }
 
 type checker struct {
 	target  Target
@@ -192,7 +198,10 @@ func (m *Manager) loop(ctx context.Context, c *checker, p Prober, prev *checker,
 			r.Outcome = Unreachable
 			r.Err = fmt.Errorf("no answer within %v: %w", t.Check.Timeout, r.Err)
 		}
-		m.observe(ctx, c, r)
+		if m.observe != nil {
+			m.observe(t, r)
+		}
+		m.record(ctx, c, r)
 		next := t.Check.Interval - time.Since(start)
 		if !firstDone {
 			firstDone = true
@@ -202,7 +211,7 @@ func (m *Manager) loop(ctx context.Context, c *checker, p Prober, prev *checker,
 	}
 }
 
-func (m *Manager) observe(ctx context.Context, c *checker, r Result) {
+func (m *Manager) record(ctx context.Context, c *checker, r Result) {
 	m.mu.Lock()
 	from, changed := c.tracker.Observe(r)
 	to := c.tracker.State()
