@@ -92,8 +92,8 @@ type daemon struct {
 	counters *ruleset.Reader
 	metrics  *metrics.Metrics
 	http     *listener
-	retry   *time.Timer  // pending re-apply after a kernel error; nil when none
-	backoff time.Duration
+	retry    *time.Timer // pending re-apply after a kernel error; nil when none
+	backoff  time.Duration
 	// pendingFlush: backends that went down and whose clients are reset
 	// once the kernel no longer sends new connections to them.
 	pendingFlush map[string]flushReq
