@@ -4,7 +4,10 @@ BIN     := bin/nftlb
 VERSION ?= $(shell git describe --always --dirty 2>/dev/null || echo dev)
 LDFLAGS := -X main.version=$(VERSION)
 
-.PHONY: build demo test fuzz bench clean clean-lab
+.PHONY: build demo test fuzz bench clean clean-lab install
+
+PREFIX  ?= /usr/local
+DESTDIR ?=
 
 build:
 	$(GO) build -ldflags "$(LDFLAGS)" -o $(BIN) ./cmd/nftlb
@@ -33,6 +36,15 @@ bench:
 # Removes lab namespaces (nlbt*) left behind by a killed test or demo.
 clean-lab:
 	$(GO) run ./internal/lab/cmd/labclean
+
+# Installs the binary, the systemd unit and the sysctl drop-in, and the
+# example config only if /etc/nftlb/lb.yaml does not exist yet.
+install: build
+	install -D -m 0755 $(BIN) $(DESTDIR)$(PREFIX)/bin/nftlb
+	install -D -m 0644 systemd/nftlb.service $(DESTDIR)/etc/systemd/system/nftlb.service
+	install -D -m 0644 systemd/99-nftlb.conf $(DESTDIR)/etc/sysctl.d/99-nftlb.conf
+	test -e $(DESTDIR)/etc/nftlb/lb.yaml || install -D -m 0644 examples/lb.yaml $(DESTDIR)/etc/nftlb/lb.yaml
+	@echo "installed; next: sysctl --system; edit /etc/nftlb/lb.yaml; systemctl daemon-reload; systemctl enable --now nftlb"
 
 clean:
 	rm -rf bin

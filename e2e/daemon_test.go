@@ -74,10 +74,17 @@ type daemon struct {
 // its first apply. It is stopped (SIGTERM) on cleanup if still running.
 func startDaemon(t *testing.T, l *lab.Lab, cfg string) *daemon {
 	t.Helper()
+	return startDaemonEnv(t, l, cfg, nil)
+}
+
+// startDaemonEnv is startDaemon with extra environment variables.
+func startDaemonEnv(t *testing.T, l *lab.Lab, cfg string, env []string) *daemon {
+	t.Helper()
 	d := &daemon{t: t, lab: l, config: filepath.Join(t.TempDir(), "lb.yaml"), logs: &logBuffer{}, exited: make(chan struct{})}
 	d.write(cfg)
 	d.cmd = l.LB.Command(context.Background(), nftlbBin, "run", "-config", d.config, "-log-level", "debug")
 	d.cmd.Stdout, d.cmd.Stderr = d.logs, d.logs
+	d.cmd.Env = append(os.Environ(), env...)
 	if err := d.cmd.Start(); err != nil {
 		t.Fatalf("start nftlb: %v", err)
 	}
