@@ -4,6 +4,7 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 )
 
@@ -23,6 +24,9 @@ func FuzzParse(f *testing.F) {
 		aliasBomb + pool + "    health: *h6\n",
 		pool + "    health: &h {<<: *h}\n",
 		"pools: &p [*p]\n",
+		mergeBomb(strings.Repeat("a", 1000)),
+		mergeBomb("[x]"),
+		backendsBomb("a"),
 		"health: {type: https, cert_file: c, timeout: 3s}\n" + pool,
 		"pools:\n  - name: a\n    vip: 10.0.0.1\n    port: 80\n    backends: [10.0.0.1, 10.0.1.1:80, {address: 10.0.1.1, weight: 0}]\n",
 	} {

@@ -21,6 +21,13 @@ import (
 // anchor, which yaml.v3 accepts) would otherwise expand to billions of nodes.
 const maxNodes = 100_000
 
+// maxText bounds the bytes of keys and values the walker visits, again
+// counting every use of an alias. Checking a value, and quoting it in an
+// error, takes time in proportion to its length, so a long string used
+// through many aliases would otherwise cost maxNodes times its length:
+// minutes and gigabytes for a 100 KB file.
+const maxText = 4 << 20
+
 // Load reads the configuration file at path and parses it with Parse. A
 // file it cannot read gives a wrapped *fs.PathError, not Errors.
 func Load(path string) (*Config, error) {
@@ -59,6 +66,7 @@ type walker struct {
 	errs   Errors
 	seen   map[FieldError]bool // the same global value can fail for every pool
 	nodes  int
+	text   int // bytes of scalars visited, charged against maxText
 	tooBig *FieldError
 }
 
@@ -131,14 +139,22 @@ func (w *walker) syntaxError(err error) {
 	w.errorf(nil, "", "invalid YAML: %s", strings.TrimPrefix(msg, "yaml: "))
 }
 
-// visit resolves aliases and charges n to the node budget. It returns nil
-// once the budget is spent; the walk then unwinds without reporting more.
+// visit resolves aliases and charges n to the node budget, and a scalar's
+// length to the text budget. It returns nil once a budget is spent; the
+// walk then unwinds without reporting more.
 func (w *walker) visit(n *yaml.Node) *yaml.Node {
 	for ; n != nil && w.tooBig == nil; n = n.Alias {
 		if w.nodes++; w.nodes > maxNodes {
 			w.tooBig = &FieldError{File: w.file, Line: n.Line, Col: n.Column,
 				Msg: fmt.Sprintf("too many nodes (more than %d, counting each use of an alias)", maxNodes)}
 			return nil
+		}
+		if n.Kind == yaml.ScalarNode {
+			if w.text += len(n.Value); w.text > maxText {
+				w.tooBig = &FieldError{File: w.file, Line: n.Line, Col: n.Column,
+					Msg: fmt.Sprintf("too much text (more than %d MiB of keys and values, counting each use of an alias)", maxText>>20)}
+				return nil
+			}
 		}
 		if n.Kind != yaml.AliasNode {
 			return n
@@ -183,6 +199,9 @@ func (w *walker) mapping(n *yaml.Node, path string, known []string, f func(key s
 	}
 	first := map[string]*yaml.Node{}
 	var merges []*yaml.Node // a stack: sources merged depth-first, in order
+	// Nested merges can bring the same node here thousands of times, each
+	// time with the same error; format it only once.
+	reported := map[*yaml.Node]bool{}
 	each := func(m *yaml.Node, merging bool) {
 		from := len(merges)
 		for i := 0; i+1 < len(m.Content) && w.tooBig == nil; i += 2 {
@@ -191,7 +210,10 @@ func (w *walker) mapping(n *yaml.Node, path string, known []string, f func(key s
 			case k == nil:
 				return
 			case k.Kind != yaml.ScalarNode:
-				w.errorf(k, path, "keys must be strings, got %s", describe(k))
+				if !reported[k] {
+					reported[k] = true
+					w.errorf(k, path, "keys must be strings, got %s", describe(k))
+				}
 			case k.Tag == "!!merge":
 				merges = append(merges, v)
 			case first[k.Value] != nil:
@@ -227,7 +249,8 @@ func (w *walker) mapping(n *yaml.Node, path string, known []string, f func(key s
 			w.nodes += len(src.Content)
 			merges = append(merges, src.Content...)
 			slices.Reverse(merges[len(merges)-len(src.Content):])
-		default:
+		case !reported[v]:
+			reported[v] = true
 			w.errorf(v, path, "<< must merge a mapping or a list of mappings, got %s", describe(src))
 		}
 	}

@@ -2,10 +2,12 @@ package vip
 
 import (
 	"errors"
+	"fmt"
 	"net/netip"
 	"os"
 	"path/filepath"
 	"reflect"
+	"runtime"
 	"strings"
 	"testing"
 	"time"
@@ -538,5 +540,60 @@ func TestMergeOrder(t *testing.T) {
 	h := c.Pools[0].Health
 	if h.Rise != 1 || h.Fall != 3 || h.Path != "/own" || h.Timeout != 1500*time.Millisecond {
 		t.Errorf("merged health = %+v, want rise 1, fall 3, path /own, timeout 1.5s", h)
+	}
+}
+
+// mergeBomb merges the scalar v a million times through nested aliases.
+func mergeBomb(v string) string {
+	var b strings.Builder
+	fmt.Fprintf(&b, "x0: &v %s\nx1: &m1 {<<: [*v%s]}\n", v, strings.Repeat(", *v", 9))
+	for i := 2; i <= 6; i++ {
+		fmt.Fprintf(&b, "x%d: &m%d {<<: [*m%d%s]}\n", i, i, i-1, strings.Repeat(fmt.Sprintf(", *m%d", i-1), 9))
+	}
+	return b.String() + pool + "    health: *m6\n"
+}
+
+// backendsBomb gives 150 pools the same list of 150 aliases to v.
+func backendsBomb(v string) string {
+	return "x0: &v " + v + "\nx1: &b [*v" + strings.Repeat(", *v", 149) + "]\n" +
+		"x2: &p {name: a, vip: 10.0.0.1, port: 80, backends: *b}\n" +
+		"pools: [*p" + strings.Repeat(", *p", 149) + "]\n"
+}
+
+// TestParseAliasWork checks that the work Parse does is bounded by its
+// budgets, not by how often an error repeats or by the length of a value
+// used through aliases. Each of these once took seconds (a 100 KB merge
+// bomb took 45s) and allocated once or more per node visited.
+func TestParseAliasWork(t *testing.T) {
+	long := strings.Repeat("a", 16<<10)
+	tooMuchText := "lb.yaml:1:5: too much text (more than 4 MiB of keys and values, counting each use of an alias)"
+	for _, tt := range []struct {
+		name, in, want string
+	}{
+		{"merged scalar", mergeBomb("a"), "lb.yaml:2:15: too many nodes (more than 100000, counting each use of an alias)"},
+		{"merged complex key", strings.Replace(aliasBomb, "{rise: 1}", "{[x]: 1}", 1) + pool + "    health: *h6\n",
+			"lb.yaml:1:5: too many nodes (more than 100000, counting each use of an alias)"},
+		{"merged long scalar", mergeBomb(long), tooMuchText},
+		{"long backend in many pools", backendsBomb(long), tooMuchText},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			var before, after runtime.MemStats
+			runtime.GC()
+			runtime.ReadMemStats(&before)
+			start := time.Now()
+			_, err := Parse("lb.yaml", []byte(tt.in))
+			took := time.Since(start)
+			runtime.ReadMemStats(&after)
+			allocs, bytes := after.Mallocs-before.Mallocs, after.TotalAlloc-before.TotalAlloc
+			t.Logf("%d-byte file: %v, %d allocations, %d KiB", len(tt.in), took, allocs, bytes>>10)
+			if err == nil || err.Error() != tt.want {
+				t.Errorf("Parse error = %v, want %s", err, tt.want)
+			}
+			// Not one allocation per node, nor a copy of the value per use:
+			// these were 66,000-275,000 allocations and 1.6 GB.
+			if allocs > 10_000 || bytes > 8*maxText {
+				t.Errorf("Parse made %d allocations of %d bytes in all, want at most 10000 and %d", allocs, bytes, 8*maxText)
+			}
+		})
 	}
 }
