@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/nftlb/nftlb/internal/lab"
+	"github.com/nftlb/nftlb/internal/ruleset"
 )
 
 const (
@@ -278,12 +279,14 @@ func TestReloadWithBrokenFileChangesNothing(t *testing.T) {
 }
 
 // SIGTERM exits 0 and leaves the rules: a restart or upgrade drops no
-// traffic. A new daemon takes the table over in one transaction.
+// traffic. A new daemon adopts its table: with the same config it
+// rewrites nothing (rule handles unchanged).
 func TestStopLeavesTrafficFlowingAndRestartTakesOver(t *testing.T) {
 	t.Parallel()
 	l := newLab(t, 3)
 	cfg := configYAML("", poolYAML("api", 1, apiPort, backendsOn(l, apiPort), ""))
 	d := startDaemon(t, l, cfg)
+	handles := nft(t, l, "-a", "list", "table", "ip", "nftlb")
 	d.signal(syscall.SIGTERM)
 	<-d.exited
 	if d.err != nil {
@@ -295,8 +298,11 @@ func TestStopLeavesTrafficFlowingAndRestartTakesOver(t *testing.T) {
 	}
 	d2 := startDaemon(t, l, cfg)
 	assertKernelMatchesRender(t, d2, "nftlb")
-	if !strings.Contains(d2.logs.String(), "full=true") {
-		t.Errorf("restart did not replace the table in full:\n%s", d2.logs)
+	if !strings.Contains(d2.logs.String(), "adopted=true") {
+		t.Errorf("restart did not adopt its table:\n%s", d2.logs)
+	}
+	if after := nft(t, l, "-a", "list", "table", "ip", "nftlb"); ruleset.Canonical(after) != ruleset.Canonical(handles) || !sameHandles(handles, after) {
+		t.Errorf("restart with the same config rewrote the table:\n%s\n---\n%s", handles, after)
 	}
 }
 
@@ -347,4 +353,18 @@ func TestRefusesForeignTableAtStart(t *testing.T) {
 	if err == nil || !strings.Contains(out, "not created by nftlb") {
 		t.Errorf("run over a foreign table: %v: %s", err, out)
 	}
+}
+
+// sameHandles compares the "# handle N" annotations of two nft -a listings.
+func sameHandles(a, b string) bool {
+	pick := func(s string) []string {
+		var out []string
+		for _, l := range strings.Split(s, "\n") {
+			if i := strings.Index(l, "# handle "); i >= 0 {
+				out = append(out, l[i:])
+			}
+		}
+		return out
+	}
+	return strings.Join(pick(a), ",") == strings.Join(pick(b), ",")
 }

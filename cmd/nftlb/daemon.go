@@ -352,19 +352,28 @@ func (d *daemon) apply(cfg *vip.Config, why string) error {
 		d.retry = nil
 	}
 	d.backoff = 0
-	if res.Plan.Empty() {
+	if res.Plan.Empty() && why != "start" {
 		d.log.Info("ruleset unchanged", "why", why)
-	} else {
-		changed := make([]string, 0, len(res.Plan.Pools))
-		for _, c := range res.Plan.Pools {
-			changed = append(changed, c.Name)
-			if c.New != nil && len(c.New.Slots) == 0 {
-				d.log.Warn("pool has no usable backend: new connections are refused", "pool", c.Name)
-			}
-		}
-		d.log.Info("ruleset applied", "why", why, "table", cfg.Table, "full", res.Plan.Full,
-			"pools", len(cfg.Pools), "changed", changed, "duration", res.Duration)
+		return nil
 	}
+	changed := make([]string, 0, len(res.Plan.Pools))
+	for _, c := range res.Plan.Pools {
+		changed = append(changed, c.Name)
+		if c.New != nil && len(c.New.Slots) == 0 {
+			d.log.Warn("pool has no usable backend: new connections are refused", "pool", c.Name)
+		}
+	}
+	attrs := []any{"why", why, "table", cfg.Table, "full", res.Plan.Full, "pools", len(cfg.Pools),
+		"changed", changed, "duration", res.Duration}
+	if res.Adopted {
+		// A restart found its own table and changed only what differs:
+		// counters and round-robin positions carry on.
+		attrs = append(attrs, "adopted", true)
+	}
+	if res.Fallback != "" {
+		attrs = append(attrs, "fallback", res.Fallback)
+	}
+	d.log.Info("ruleset applied", attrs...)
 	return nil
 }
 

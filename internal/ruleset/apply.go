@@ -3,11 +3,13 @@ package ruleset
 import (
 	"errors"
 	"fmt"
+	"sync/atomic"
 	"time"
 
 	"github.com/google/nftables"
 	"github.com/google/nftables/userdata"
 	"github.com/mdlayher/netlink"
+	"golang.org/x/sys/unix"
 )
 
 // ErrNotOwned is returned when a table of nftlb's name exists but nftlb did
@@ -15,13 +17,24 @@ import (
 var ErrNotOwned = errors.New("table exists but was not created by nftlb")
 
 // Applier is the only writer of nftlb's table. It remembers what it last
-// programmed, so each Apply sends only the difference, as one transaction.
-// It is not safe for concurrent use; the daemon calls it from one goroutine.
+// programmed, so each Apply sends only the difference, as one transaction;
+// when it does not know (first Apply of a process, after a failure), it
+// reads the table the kernel has and, if it is nftlb's layout, adopts it.
+// It is not safe for concurrent use; the daemon calls it from one goroutine
+// (only the goroutine started by Watch runs alongside, and it reads just
+// the two atomics below).
 type Applier struct {
 	opts    []nftables.ConnOption
 	conn    *nftables.Conn
-	applied *Table          // what the kernel has; nil = unknown, next apply is full
+	applied *Table          // what the kernel has; nil = unknown, next apply reads it
 	owned   map[string]bool // tables verified as ours in this process
+
+	table atomic.Pointer[string] // name of the table Apply programs, for Watch
+	pid   atomic.Uint32          // netlink port ID of conn: Watch skips our own changes
+
+	// watchTrace, when set (by tests) before Watch, sees every message
+	// Watch receives and whether it signalled.
+	watchTrace func(m netlink.Message, table string, signalled bool)
 }
 
 // NewApplier makes an Applier; opts are extra connection options (tests
@@ -38,11 +51,13 @@ func (a *Applier) connect() (*nftables.Conn, error) {
 	if a.conn != nil {
 		return a.conn, nil
 	}
+	var pid uint32
 	opts := append([]nftables.ConnOption{
 		nftables.AsLasting(),
 		nftables.WithSockOptions(
 			func(c *netlink.Conn) error { return c.SetReadBuffer(bufSize) },
 			func(c *netlink.Conn) error { return c.SetWriteBuffer(bufSize) },
+			func(c *netlink.Conn) error { pid = portID(c); return nil },
 		),
 	}, a.opts...)
 	c, err := nftables.New(opts...)
@@ -50,17 +65,42 @@ func (a *Applier) connect() (*nftables.Conn, error) {
 		return nil, fmt.Errorf("open netlink: %w", err)
 	}
 	a.conn = c
+	a.pid.Store(pid)
 	return c, nil
 }
 
-// reset drops the connection (a failed Flush leaves it with mismatched
-// sequence numbers) and forgets what the kernel has, so the next Apply is a
-// full replace.
-func (a *Applier) reset() {
+// portID is the netlink port ID the kernel bound the socket to; nf_tables
+// notifications caused by this socket's requests carry it (0 if unknown).
+func portID(c *netlink.Conn) uint32 {
+	rc, err := c.SyscallConn()
+	if err != nil {
+		return 0
+	}
+	var pid uint32
+	_ = rc.Control(func(fd uintptr) {
+		if sa, err := unix.Getsockname(int(fd)); err == nil {
+			if nl, ok := sa.(*unix.SockaddrNetlink); ok {
+				pid = nl.Pid
+			}
+		}
+	})
+	return pid
+}
+
+// dropConn closes the connection (a failed Flush or dump leaves it with
+// mismatched sequence numbers); the next call opens a new one.
+func (a *Applier) dropConn() {
 	if a.conn != nil {
 		_ = a.conn.CloseLasting()
 		a.conn = nil
 	}
+	a.pid.Store(0)
+}
+
+// reset drops the connection and forgets what the kernel has, so the next
+// Apply reads the table again (and replaces it if it cannot adopt it).
+func (a *Applier) reset() {
+	a.dropConn()
 	a.applied = nil
 }
 
@@ -71,6 +111,7 @@ func (a *Applier) Close() error {
 	}
 	err := a.conn.CloseLasting()
 	a.conn = nil
+	a.pid.Store(0)
 	return err
 }
 
@@ -81,37 +122,91 @@ func (a *Applier) Applied() *Table { return a.applied }
 type Result struct {
 	Plan     Plan
 	Duration time.Duration
+	// Adopted: the Applier did not know what the kernel had, read the
+	// existing table, recognised nftlb's layout and sent only the
+	// difference (nothing at all for an unchanged config), so counters,
+	// accounting and numgen positions survive a restart.
+	Adopted bool
+	// Fallback says why an existing table was replaced whole instead of
+	// adopted (Read's error, e.g. an older nftlb's layout); "" otherwise.
+	Fallback string
 }
 
-// Apply programs next. The first call (and the first after a failure)
-// replaces the whole table in one transaction; later calls change only
-// what differs. A no-op is not sent. On error the kernel still has the
-// previous state (the transaction is all or nothing).
+// Apply programs next. When the Applier does not know what the kernel has
+// (its first call, the first after a failure, or after Check found the
+// table gone or unrecognizable), it reads the existing table: nftlb's
+// layout is adopted and only the difference is sent; no table, or one it
+// cannot adopt, is replaced whole in one transaction. Later calls change
+// only what differs. A no-op is not sent. On error the kernel still has
+// the previous state (the transaction is all or nothing).
 func (a *Applier) Apply(next *Table) (Result, error) {
 	start := time.Now()
-	plan := Diff(a.applied, next)
-	if plan.Empty() {
-		return Result{Plan: plan, Duration: time.Since(start)}, nil
+	a.table.Store(&next.Name)
+	var res Result
+	if a.applied == nil {
+		c, err := a.connect()
+		if err != nil {
+			return res, err
+		}
+		if err := a.checkOwned(c, next.Name); err != nil {
+			return res, err
+		}
+		prev, err := Read(c, next.Name)
+		switch {
+		case err == nil:
+			adoptUnknowable(prev, next)
+			a.applied, res.Adopted = prev, true
+		case errors.Is(err, ErrNoTable):
+		default:
+			// The full replace is always correct; it only costs the
+			// counters. A failed dump may leave the socket out of step.
+			res.Fallback = err.Error()
+			if !errors.Is(err, ErrUnrecognized) {
+				a.dropConn()
+			}
+		}
+	}
+	res.Plan = Diff(a.applied, next)
+	if res.Plan.Empty() {
+		a.applied = next
+		res.Duration = time.Since(start)
+		return res, nil
 	}
 	c, err := a.connect()
 	if err != nil {
-		return Result{Plan: plan}, err
+		return res, err
 	}
-	if plan.Full {
+	if res.Plan.Full {
 		if err := a.checkOwned(c, next.Name); err != nil {
-			return Result{Plan: plan}, err
+			return res, err
 		}
 	}
-	if err := queue(c, a.applied, next, plan); err != nil {
+	if err := queue(c, a.applied, next, res.Plan); err != nil {
 		a.reset()
-		return Result{Plan: plan}, fmt.Errorf("build transaction for table ip %s: %w", next.Name, err)
+		return res, fmt.Errorf("build transaction for table ip %s: %w", next.Name, err)
 	}
 	if err := c.Flush(); err != nil {
 		a.reset()
-		return Result{Plan: plan}, fmt.Errorf("apply table ip %s: %w", next.Name, err)
+		return res, fmt.Errorf("apply table ip %s: %w", next.Name, err)
 	}
 	a.applied = next
-	return Result{Plan: plan, Duration: time.Since(start)}, nil
+	res.Duration = time.Since(start)
+	return res, nil
+}
+
+// adoptUnknowable copies into read (a Table from Read) what the kernel
+// does not keep, from ref: the scheduler of a pool without slots (its rule
+// only rejects, so any scheduler programs the same kernel objects).
+func adoptUnknowable(read, ref *Table) {
+	for i := range read.Pools {
+		p := &read.Pools[i]
+		if len(p.Slots) > 0 {
+			continue
+		}
+		if q := ref.Pool(p.Name); q != nil && len(q.Slots) == 0 {
+			p.Scheduler = q.Scheduler
+		}
+	}
 }
 
 // checkOwned verifies, once per table and process, that name is absent or

@@ -1,16 +1,12 @@
 package ruleset
 
 import (
-	"encoding/binary"
 	"fmt"
-	"net/netip"
 	"strings"
 	"sync"
 
 	"github.com/google/nftables"
 	"github.com/google/nftables/expr"
-
-	"github.com/nftlb/nftlb/internal/vip"
 )
 
 // Counters are the kernel's counts in nftlb's table.
@@ -94,8 +90,8 @@ func readCounters(c *nftables.Conn, name string) (Counters, error) {
 			return out, fmt.Errorf("read set %s of table ip %s: %w", set.Name, name, err)
 		}
 		for _, el := range els {
-			e, ok := endpointFromKey(el.Key)
-			if !ok || el.Counter == nil {
+			e, err := decodeEndpointKey(el.Key)
+			if err != nil || el.Counter == nil {
 				continue
 			}
 			bc := out.Backends[e]
@@ -111,22 +107,4 @@ func readCounters(c *nftables.Conn, name string) (Counters, error) {
 		}
 	}
 	return out, nil
-}
-
-// endpointFromKey decodes endpointKey's layout.
-func endpointFromKey(k []byte) (Endpoint, bool) {
-	if len(k) < 10 {
-		return Endpoint{}, false
-	}
-	addr := netip.AddrFrom4([4]byte(k[0:4]))
-	var p vip.Protocol
-	switch k[4] {
-	case protoNum(vip.TCP):
-		p = vip.TCP
-	case protoNum(vip.UDP):
-		p = vip.UDP
-	default:
-		return Endpoint{}, false
-	}
-	return Endpoint{Addr: netip.AddrPortFrom(addr, binary.BigEndian.Uint16(k[8:10])), Protocol: p}, true
 }

@@ -110,6 +110,23 @@ func TestGoldenFilesPassNftCheck(t *testing.T) {
 func TestApplyMatchesTextThroughChanges(t *testing.T) {
 	ns := newScratchNS(t)
 	a := ns.applier()
+	for i, spec := range changeSteps() {
+		tbl := Build(spec)
+		res, err := a.Apply(tbl)
+		if err != nil {
+			t.Fatalf("step %d: %v", i, err)
+		}
+		if (i == 0) != res.Plan.Full {
+			t.Errorf("step %d: Full = %v", i, res.Plan.Full)
+		}
+		assertKernelMatches(t, ns, tbl)
+	}
+}
+
+// changeSteps is a sequence of specs covering every kind of incremental
+// change: a backend down, all down, a pool added, a pool removed with
+// masquerade off, scheduler changes, empty pools, no pools, and back.
+func changeSteps() []Spec {
 	specs := goldenSpecs()
 	steps := []Spec{specs["readme"]}
 	s := specs["readme"]
@@ -123,18 +140,7 @@ func TestApplyMatchesTextThroughChanges(t *testing.T) {
 	steps = append(steps, s)
 	s.Pools = slices.Clone(s.Pools[1:]) // pool removed
 	s.Masquerade = false
-	steps = append(steps, s, specs["schedulers-nomasq"], specs["empty-pools"], specs["no-pools"], specs["readme"])
-	for i, spec := range steps {
-		tbl := Build(spec)
-		res, err := a.Apply(tbl)
-		if err != nil {
-			t.Fatalf("step %d: %v", i, err)
-		}
-		if (i == 0) != res.Plan.Full {
-			t.Errorf("step %d: Full = %v", i, res.Plan.Full)
-		}
-		assertKernelMatches(t, ns, tbl)
-	}
+	return append(steps, s, specs["schedulers-nomasq"], specs["empty-pools"], specs["no-pools"], specs["readme"])
 }
 
 func TestRefusesTableItDidNotCreate(t *testing.T) {
@@ -154,9 +160,10 @@ func TestRefusesTableItDidNotCreate(t *testing.T) {
 	}
 }
 
-// A restarted daemon (a new Applier) replaces the table left by the last
-// run in one transaction, and other tables are untouched throughout.
-func TestRestartReplacesOwnTableAndLeavesOthers(t *testing.T) {
+// A restarted daemon (a new Applier) adopts the table left by the last run
+// and applies only the difference, and other tables are untouched
+// throughout.
+func TestRestartAdoptsOwnTableAndLeavesOthers(t *testing.T) {
 	ns := newScratchNS(t)
 	ns.nftInput("table inet other {\n counter c { packets 7 bytes 70 }\n chain input {\n type filter hook input priority 0; counter packets 3 bytes 30 accept\n }\n}\n", "-f", "-")
 	other := ns.nft("list", "table", "inet", "other")
@@ -169,8 +176,8 @@ func TestRestartReplacesOwnTableAndLeavesOthers(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if !res.Plan.Full {
-		t.Error("a new Applier should start with a full replace")
+	if !res.Adopted || res.Plan.Full || len(res.Plan.Pools) != 1 {
+		t.Errorf("a new Applier should adopt the table and change one pool: Adopted %v, Plan %+v", res.Adopted, res.Plan)
 	}
 	assertKernelMatches(t, ns, Build(spec))
 	removed, err := ns.applier().Remove("lb")
