@@ -25,7 +25,9 @@ import (
 func scrape(t *testing.T, l *lab.Lab) map[string]*dto.MetricFamily {
 	t.Helper()
 	client := &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{
-		DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) { return l.LB.Dial(ctx, network, addr) },
+		DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
+			return l.LB.Dial(ctx, network, addr)
+		},
 	}}
 	resp, err := client.Get("http://127.0.0.1:9742/metrics")
 	if err != nil {
