@@ -249,3 +249,89 @@ func TestSystemdNotify(t *testing.T) {
 	expect("STOPPING=1")
 	_ = os.Remove(sock)
 }
+
+// Someone runs `nft flush ruleset` (or deletes a map element) on the LB:
+// nftlb notices and restores its table within a second, and traffic
+// resumes. Changes to other tables are left alone.
+func TestDriftRepair(t *testing.T) {
+	t.Parallel()
+	l := newLab(t, 3)
+	d := startDaemon(t, l, configYAML("", poolYAML("api", 1, apiPort, backendsOn(l, apiPort), "")))
+	restored := func(what string, start time.Time, ok func() bool) {
+		t.Helper()
+		for !ok() {
+			if time.Since(start) > 5*time.Second {
+				t.Fatalf("%s: not restored within 5s; log:\n%s", what, d.logs)
+			}
+			time.Sleep(10 * time.Millisecond) // polling the kernel
+		}
+		took := time.Since(start)
+		t.Logf("%s: restored after %v", what, took.Round(time.Millisecond))
+		if took > time.Second {
+			t.Errorf("%s: restored after %v, want within 1s", what, took)
+		}
+	}
+	tableBack := func() bool {
+		out, err := l.LB.Run(context.Background(), "nft", "list", "table", "ip", "nftlb")
+		return err == nil && strings.Contains(out, "198.18.1.12 . 6443")
+	}
+
+	start := time.Now()
+	nft(t, l, "flush", "ruleset")
+	restored("nft flush ruleset", start, tableBack)
+	assertKernelMatchesRender(t, d, "nftlb")
+	if count, _ := shares(t, l, vipAddr(1, apiPort), 3); len(count) != 3 {
+		t.Errorf("after repair: %v", count)
+	}
+
+	start = time.Now()
+	nft(t, l, "delete", "element", "ip", "nftlb", "pool-api", "{ 1 }")
+	restored("delete element", start, func() bool {
+		out, err := l.LB.Run(context.Background(), "nft", "list", "map", "ip", "nftlb", "pool-api")
+		return err == nil && strings.Count(out, " : 198.18.1.") == 3
+	})
+	assertKernelMatchesRender(t, d, "nftlb")
+
+	repairs := strings.Count(d.logs.String(), "changed by someone else")
+	nft(t, l, "add", "table", "ip", "other")
+	nft(t, l, "add", "chain", "ip", "other", "c")
+	// A full round trip through the daemon's loop (a reload) orders this
+	// check after any reaction to the other table.
+	d.reload(configYAML("", poolYAML("api", 1, apiPort, backendsOn(l, apiPort), "")))
+	if n := strings.Count(d.logs.String(), "changed by someone else"); n != repairs {
+		t.Errorf("a change to another table was taken for drift:\n%s", d.logs)
+	}
+	if v := mustValue(t, scrape(t, l), "nftlb_drift_repairs_total", nil); v != 2 {
+		t.Errorf("nftlb_drift_repairs_total = %v, want 2", v)
+	}
+}
+
+// nftlb diff shows what an edit would change, using the running daemon's
+// health, before SIGHUP; after the reload it shows nothing.
+func TestDiffCommand(t *testing.T) {
+	t.Parallel()
+	h := newHealthLab(t)
+	d := startDaemon(t, h.Lab, healthYAML(h.Lab, ""))
+	h.http[2].SetReady(false)
+	d.waitTransition(h.Backend(3), "up", "unready", time.Now(), detectBound+margin+2*time.Second)
+	edited := healthYAML(h.Lab, "") + poolYAML("web", 2, 80, backendsOn(h.Lab, apiPort)[:2], "")
+	path := writeTemp(t, edited)
+	out, err := nftlb(t, h.Lab, "diff", "-config", path)
+	if err != nil {
+		t.Fatalf("diff: %v\n%s", err, out)
+	}
+	t.Logf("nftlb diff:\n%s", out)
+	for _, want := range []string{"health from the nftlb running at 127.0.0.1:9742", "+ pool web 198.18.100.2:80/tcp",
+		"+   map pool-web: 0 : 198.18.1.11 . 6443"} {
+		if !strings.Contains(out, want) {
+			t.Errorf("diff lacks %q", want)
+		}
+	}
+	if strings.Contains(out, "pool api") {
+		t.Errorf("diff shows the unchanged pool api (its unready backend counted as up?):\n%s", out)
+	}
+	d.reload(edited)
+	if out, _ := nftlb(t, h.Lab, "diff", "-config", d.config); !strings.Contains(out, "no changes") {
+		t.Errorf("diff after the reload:\n%s", out)
+	}
+}

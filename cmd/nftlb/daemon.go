@@ -94,6 +94,11 @@ type daemon struct {
 	http     *listener
 	retry    *time.Timer // pending re-apply after a kernel error; nil when none
 	backoff  time.Duration
+	// drift: signals from the Applier's watch on our table (nil while
+	// re-watching), and the periodic check that backs it up.
+	drift        <-chan struct{}
+	driftEvery   time.Duration
+	nextDriftChk time.Time
 	// pendingFlush: backends that went down and whose clients are reset
 	// once the kernel no longer sends new connections to them.
 	pendingFlush map[string]flushReq
@@ -168,6 +173,9 @@ func (d *daemon) loop(ctx context.Context, sigs <-chan os.Signal) int {
 		defer t.Stop()
 		watchdog = t.C
 	}
+	d.watch(ctx)
+	safety := time.NewTicker(time.Second)
+	defer safety.Stop()
 	for {
 		var retry <-chan time.Time
 		if d.retry != nil {
@@ -176,6 +184,19 @@ func (d *daemon) loop(ctx context.Context, sigs <-chan os.Signal) int {
 		select {
 		case <-watchdog:
 			d.notify(sddaemon.SdNotifyWatchdog)
+		case _, ok := <-d.drift:
+			if !ok { // the watch socket failed: check now, watch again
+				d.drift = nil
+				d.watch(ctx)
+			}
+			d.checkDrift("watch")
+		case now := <-safety.C:
+			if d.drift == nil {
+				d.watch(ctx)
+			}
+			if now.After(d.nextDriftChk) {
+				d.checkDrift("periodic")
+			}
 		case <-ctx.Done():
 			return exitOK
 		case sig := <-sigs:
@@ -199,6 +220,47 @@ func (d *daemon) loop(ctx context.Context, sigs <-chan os.Signal) int {
 			}
 			d.flushPending()
 		}
+	}
+}
+
+// watch subscribes to changes of our table by others.
+func (d *daemon) watch(ctx context.Context) {
+	ch, err := d.applier.Watch(ctx)
+	if err != nil {
+		d.log.Warn("cannot watch the table for changes by others; relying on the periodic check", "err", err)
+		return
+	}
+	d.drift = ch
+}
+
+// checkDrift compares the kernel with what nftlb applied and, if someone
+// else changed or deleted the table, restores it at once. The periodic
+// safety net backs off with the table's size: a check reads the whole
+// table (0.2 s at 1,000 pools, 5 s at 10,000), and it runs in this loop.
+func (d *daemon) checkDrift(why string) {
+	start := time.Now()
+	dr, err := d.applier.Check()
+	took := time.Since(start)
+	d.driftEvery = max(30*time.Second, 20*took)
+	d.nextDriftChk = time.Now().Add(d.driftEvery)
+	if err != nil {
+		d.log.Warn("drift check failed", "err", err)
+		return
+	}
+	if !dr.Drifted() {
+		return
+	}
+	d.metrics.DriftRepairs.Inc()
+	attrs := []any{"found_by", why, "gone", dr.Gone, "check", took}
+	if dr.Unrecognized != "" {
+		attrs = append(attrs, "unrecognized", dr.Unrecognized)
+	}
+	if len(dr.Changes) > 0 {
+		attrs = append(attrs, "changes", dr.Changes)
+	}
+	d.log.Warn("nftlb's table was changed by someone else; restoring it", attrs...)
+	if err := d.apply(d.cfg, "drift"); err != nil {
+		d.scheduleRetry(err)
 	}
 }
 

@@ -5,6 +5,7 @@
 //	nftlb check   -config F   validate F (exit 1 with every error)
 //	nftlb render  -config F   print the ruleset F describes, as nft syntax
 //	nftlb status  [-addr A]   print a running daemon's pools and backends
+//	nftlb diff    -config F   what applying F would change in the kernel now
 //	nftlb cleanup [-table T]  remove nftlb's table, nothing else
 //	nftlb version
 package main
@@ -45,6 +46,7 @@ var commands = []struct {
 	{"check", "validate a config file; exit 1 with every error", cmdCheck},
 	{"render", "print the nftables ruleset a config describes (nft syntax)", cmdRender},
 	{"status", "print a running nftlb's pools and backends", cmdStatus},
+	{"diff", "print what applying a config would change in the kernel now", cmdDiff},
 	{"cleanup", "remove nftlb's table from the kernel, and nothing else", cmdCleanup},
 	{"version", "print the version", cmdVersion},
 }

@@ -370,3 +370,33 @@ func TestCanonical(t *testing.T) {
 		t.Error("canonical form hid a different element")
 	}
 }
+
+func TestPlanDescribe(t *testing.T) {
+	base := goldenSpecs()["readme"]
+	prev := Build(base)
+	next := base
+	next.Pools = slices.Clone(base.Pools)
+	next.Pools[0].Backends = next.Pools[0].Backends[:2]
+	next.Pools[1].Name = "np"
+	nt := Build(next)
+	got := Diff(prev, nt).Describe(prev, nt)
+	for _, want := range []string{
+		"~ pool kube-apiserver 198.18.100.1:6443/tcp",
+		"-   chain pool-kube-apiserver: meta mark set meta mark | 0x00100000 counter name \"pool-kube-apiserver\" meta l4proto tcp dnat ip to numgen inc mod 3 map @pool-kube-apiserver",
+		"+   chain pool-kube-apiserver: meta mark set meta mark | 0x00100000 counter name \"pool-kube-apiserver\" meta l4proto tcp dnat ip to numgen inc mod 2 map @pool-kube-apiserver",
+		"-   map pool-kube-apiserver: 2 : 198.18.1.13 . 6443",
+		"- pool nodeport-http 198.18.100.2:80/tcp",
+		"+ pool np 198.18.100.2:80/tcp",
+		"+   map pool-np: 0 : 198.18.1.11 . 30080",
+	} {
+		if !strings.Contains(got, want) {
+			t.Errorf("Describe lacks %q:\n%s", want, got)
+		}
+	}
+	if got := Diff(prev, prev).Describe(prev, prev); got != "table ip nftlb: no changes\n" {
+		t.Errorf("no-op: %q", got)
+	}
+	if got := Diff(nil, prev).Describe(nil, prev); !strings.HasPrefix(got, "table ip nftlb would be created:\ntable ip nftlb {") {
+		t.Errorf("create: %q", got)
+	}
+}
