@@ -35,6 +35,10 @@ const (
 	// DNATed. It is clear of kube-proxy's 0x4000/0x8000 and Cilium's 0x0f00
 	// range, the marks most likely to share a Kubernetes gateway.
 	MasqMark uint32 = 0x00100000
+	// ConnMark is the conntrack-mark bit (ct mark) set on every connection
+	// a pool chain DNATs: the same bit value as MasqMark, in the separate
+	// ct mark space. Flushes and active-connection counts match on it.
+	ConnMark = MasqMark
 	// NudgeMark is the mark (SO_MARK) on the TCP ACKs nftlb sends to clients
 	// of a dead backend. The nudge chain exempts them from conntrack: a
 	// tracked nudge would create an entry that captures the client's answer,

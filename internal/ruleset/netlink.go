@@ -377,11 +377,19 @@ func poolRule(ch *nftables.Chain, m *nftables.Set, p *Pool) *nftables.Rule {
 		}
 		return r
 	}
+	setBit := &expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 4,
+		Mask: binaryutil.NativeEndian.PutUint32(^MasqMark), Xor: binaryutil.NativeEndian.PutUint32(MasqMark)}
 	r.Exprs = []expr.Any{
+		// meta mark set meta mark | MasqMark: masquerade this connection.
 		&expr.Meta{Key: expr.MetaKeyMARK, Register: 1},
-		&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 4,
-			Mask: binaryutil.NativeEndian.PutUint32(^MasqMark), Xor: binaryutil.NativeEndian.PutUint32(MasqMark)},
+		setBit,
 		&expr.Meta{Key: expr.MetaKeyMARK, SourceRegister: true, Register: 1},
+		// ct mark set ct mark | ConnMark: remember for the connection's
+		// life that nftlb DNATed it, so a flush of a failed backend and the
+		// active-connection count touch only nftlb's connections.
+		&expr.Ct{Key: expr.CtKeyMARK, Register: 1},
+		setBit,
+		&expr.Ct{Key: expr.CtKeyMARK, SourceRegister: true, Register: 1},
 		counter,
 	}
 	r.Exprs = append(r.Exprs, l4protoIs(p.Protocol)...)

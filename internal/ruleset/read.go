@@ -603,7 +603,9 @@ func ruleDiff(got, want *nftables.Rule) string {
 // normExprs copies what differs between the expressions nftlb sends and
 // what the kernel reports back: lookups lose the batch-local set ID, and
 // the kernel reports NAT's max registers (equal to the min ones) and the
-// proto-specified flag implied by a proto register.
+// proto-specified flag implied by a proto register. v0.3.0 decodes only a
+// ct expression's destination register, so "ct mark set" comes back with
+// no register at all (a ct load always has one): compare sets without it.
 func normExprs(es []expr.Any) []expr.Any {
 	out := make([]expr.Any, len(es))
 	for i, e := range es {
@@ -611,6 +613,12 @@ func normExprs(es []expr.Any) []expr.Any {
 		case *expr.Lookup:
 			c := *v
 			c.SetID = 0
+			out[i] = &c
+		case *expr.Ct:
+			c := *v
+			if c.SourceRegister || c.Register == 0 {
+				c.SourceRegister, c.Register = true, 0
+			}
 			out[i] = &c
 		case *expr.NAT:
 			c := *v

@@ -91,7 +91,7 @@ func TestReadDetectsDamage(t *testing.T) {
 		{"map element deleted", "delete element ip nftlb pool-kube-apiserver { 0 }", ""},
 		{"last map element deleted", "delete element ip nftlb pool-kube-apiserver { 2 }", ""},
 		{"map element added", "add element ip nftlb pool-nodeport-http { 2 : 198.18.1.13 . 30080 }", ""},
-		{"modulus changed", "flush chain ip nftlb pool-kube-apiserver\nadd rule ip nftlb pool-kube-apiserver meta mark set meta mark | 0x00100000 counter name \"pool-kube-apiserver\" meta l4proto tcp dnat ip to numgen inc mod 4 map @pool-kube-apiserver", ""},
+		{"modulus changed", "flush chain ip nftlb pool-kube-apiserver\nadd rule ip nftlb pool-kube-apiserver meta mark set meta mark | 0x00100000 ct mark set ct mark | 0x00100000 counter name \"pool-kube-apiserver\" meta l4proto tcp dnat ip to numgen inc mod 4 map @pool-kube-apiserver", ""},
 		{"map element changed", "delete element ip nftlb pool-kube-apiserver { 1 }\nadd element ip nftlb pool-kube-apiserver { 1 : 198.18.1.99 . 6443 }", ""},
 		{"pool chain flushed", "flush chain ip nftlb pool-kube-apiserver", "chain pool-kube-apiserver: rule count 0, want 1"},
 		{"rule added to pool chain", "add rule ip nftlb pool-nodeport-http counter", "chain pool-nodeport-http: rule count 2, want 1"},

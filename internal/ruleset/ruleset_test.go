@@ -382,8 +382,8 @@ func TestPlanDescribe(t *testing.T) {
 	got := Diff(prev, nt).Describe(prev, nt)
 	for _, want := range []string{
 		"~ pool kube-apiserver 198.18.100.1:6443/tcp",
-		"-   chain pool-kube-apiserver: meta mark set meta mark | 0x00100000 counter name \"pool-kube-apiserver\" meta l4proto tcp dnat ip to numgen inc mod 3 map @pool-kube-apiserver",
-		"+   chain pool-kube-apiserver: meta mark set meta mark | 0x00100000 counter name \"pool-kube-apiserver\" meta l4proto tcp dnat ip to numgen inc mod 2 map @pool-kube-apiserver",
+		"-   chain pool-kube-apiserver: meta mark set meta mark | 0x00100000 ct mark set ct mark | 0x00100000 counter name \"pool-kube-apiserver\" meta l4proto tcp dnat ip to numgen inc mod 3 map @pool-kube-apiserver",
+		"+   chain pool-kube-apiserver: meta mark set meta mark | 0x00100000 ct mark set ct mark | 0x00100000 counter name \"pool-kube-apiserver\" meta l4proto tcp dnat ip to numgen inc mod 2 map @pool-kube-apiserver",
 		"-   map pool-kube-apiserver: 2 : 198.18.1.13 . 6443",
 		"- pool nodeport-http 198.18.100.2:80/tcp",
 		"+ pool np 198.18.100.2:80/tcp",

@@ -117,6 +117,6 @@ func (p *Pool) ruleText() string {
 		}
 		return counter + " reject with tcp reset"
 	}
-	return fmt.Sprintf("meta mark set meta mark | 0x%08x %s meta l4proto %s dnat ip to %s map @%s",
-		MasqMark, counter, p.Protocol, p.selectorText(), p.Map())
+	return fmt.Sprintf("meta mark set meta mark | 0x%08x ct mark set ct mark | 0x%08x %s meta l4proto %s dnat ip to %s map @%s",
+		MasqMark, ConnMark, counter, p.Protocol, p.selectorText(), p.Map())
 }
