@@ -2,9 +2,12 @@ package health
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"fmt"
 	"math/rand/v2"
 	"net/netip"
+	"os"
 	"slices"
 	"strings"
 	"sync"
@@ -82,6 +85,7 @@ func (m *Manager) SetObserver(f func(Target, Result)) { m.observe = f }
 
 type checker struct {
 	target  Target
+	files   string // fingerprint of the TLS files its prober was built from
 	tracker *Tracker // guarded by Manager.mu
 	cancel  context.CancelFunc
 	first   chan struct{} // closed once the first result is in
@@ -109,16 +113,9 @@ func (m *Manager) Events() <-chan Event { return m.events }
 // target that was already checked keeps its state and history, even if
 // its check settings changed; checks of removed targets stop.
 func (m *Manager) Update(targets []Target) error {
-	probers := map[vip.Health]Prober{} // one per distinct config: shares HTTP clients
-	for _, t := range targets {
-		if _, ok := probers[t.Check]; ok {
-			continue
-		}
-		p, err := m.newProber(t.Check)
-		if err != nil {
-			return fmt.Errorf("health check of %s: %w", t.ID, err)
-		}
-		probers[t.Check] = p
+	probers, files, err := m.build(targets)
+	if err != nil {
+		return err
 	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
@@ -134,10 +131,13 @@ func (m *Manager) Update(targets []Target) error {
 	}
 	for _, t := range targets {
 		old := m.checks[t.ID]
-		if old != nil && old.target == t {
+		// Same settings and same certificate files: keep the loop. A
+		// rotated CA or client certificate (same path, new content) gets a
+		// new prober, as a reload promises.
+		if old != nil && old.target == t && old.files == files[t.Check] {
 			continue
 		}
-		c := &checker{target: t, first: make(chan struct{}), done: make(chan struct{})}
+		c := &checker{target: t, files: files[t.Check], first: make(chan struct{}), done: make(chan struct{})}
 		delay := time.Duration(0) // new: probe now, nftlb is waiting for it
 		if old != nil {
 			old.cancel()
@@ -154,6 +154,50 @@ func (m *Manager) Update(targets []Target) error {
 		go m.loop(ctx, c, probers[t.Check], old, delay)
 	}
 	return nil
+}
+
+// Validate builds the probers targets need (reading TLS files) without
+// changing anything, so a reload can be rejected before it starts.
+func (m *Manager) Validate(targets []Target) error {
+	_, _, err := m.build(targets)
+	return err
+}
+
+// build makes one prober per distinct check config (so HTTP clients are
+// shared) and fingerprints the files each one read.
+func (m *Manager) build(targets []Target) (map[vip.Health]Prober, map[vip.Health]string, error) {
+	probers := map[vip.Health]Prober{}
+	files := map[vip.Health]string{}
+	for _, t := range targets {
+		if _, ok := probers[t.Check]; ok {
+			continue
+		}
+		p, err := m.newProber(t.Check)
+		if err != nil {
+			return nil, nil, fmt.Errorf("health check of %s: %w", t.ID, err)
+		}
+		probers[t.Check] = p
+		files[t.Check] = fingerprint(t.Check.CAFile, t.Check.CertFile, t.Check.KeyFile)
+	}
+	return probers, files, nil
+}
+
+// fingerprint hashes the contents of the given files (empty names skipped;
+// an unreadable file hashes its error, which the prober build reports).
+func fingerprint(paths ...string) string {
+	h := sha256.New()
+	for _, p := range paths {
+		if p == "" {
+			continue
+		}
+		b, err := os.ReadFile(p)
+		if err != nil {
+			b = []byte(err.Error())
+		}
+		fmt.Fprintf(h, "%s\x00%d\x00", p, len(b))
+		h.Write(b)
+	}
+	return hex.EncodeToString(h.Sum(nil))
 }
 
 func jitter(d time.Duration) time.Duration {
@@ -201,7 +245,7 @@ func (m *Manager) loop(ctx context.Context, c *checker, p Prober, prev *checker,
 		if m.observe != nil {
 			m.observe(t, r)
 		}
-		m.record(ctx, c, r)
+		m.record(c, r)
 		next := t.Check.Interval - time.Since(start)
 		if !firstDone {
 			firstDone = true
@@ -211,7 +255,7 @@ func (m *Manager) loop(ctx context.Context, c *checker, p Prober, prev *checker,
 	}
 }
 
-func (m *Manager) record(ctx context.Context, c *checker, r Result) {
+func (m *Manager) record(c *checker, r Result) {
 	m.mu.Lock()
 	from, changed := c.tracker.Observe(r)
 	to := c.tracker.State()
@@ -224,9 +268,12 @@ func (m *Manager) record(ctx context.Context, c *checker, r Result) {
 	if !changed {
 		return
 	}
+	// The tracker has changed, so the event must reach the daemon even if
+	// this loop is being replaced by a reload (which keeps the tracker):
+	// only the Manager's own end stops the send.
 	select {
 	case m.events <- Event{Target: c.target, From: from, To: to, Result: r}:
-	case <-ctx.Done():
+	case <-m.ctx.Done():
 	}
 }
 

@@ -4,6 +4,8 @@ import (
 	"context"
 	"errors"
 	"net/netip"
+	"os"
+	"path/filepath"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -245,5 +247,60 @@ func TestManagerUpdateErrorChangesNothing(t *testing.T) {
 	}
 	if st := m.Statuses(); len(st) != 1 || st[0].ID != a.ID {
 		t.Errorf("a failed Update changed the targets: %+v", st)
+	}
+}
+
+// A reload re-reads TLS files: same path with new content (a rotated CA
+// or client certificate) gets a new prober; the state is kept.
+func TestManagerUpdateRereadsRotatedFiles(t *testing.T) {
+	var mu sync.Mutex
+	var built []*fakeProber
+	m := NewManager()
+	m.newProber = func(vip.Health) (Prober, error) {
+		mu.Lock()
+		defer mu.Unlock()
+		f := newFake()
+		built = append(built, f)
+		return f, nil
+	}
+	t.Cleanup(m.Stop)
+	ev := collect(t, m)
+	ca := filepath.Join(t.TempDir(), "ca.pem")
+	if err := os.WriteFile(ca, []byte("old CA"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	h := check(30 * time.Millisecond)
+	h.Type, h.CAFile = vip.CheckHTTPS, ca
+	a := target(1, h)
+	if err := m.Update([]Target{a}); err != nil {
+		t.Fatal(err)
+	}
+	ev.wait(t, a.ID, Up)
+	probesOf := func(i int) int64 { mu.Lock(); defer mu.Unlock(); return built[i].probes.Load() }
+	nbuilt := func() int { mu.Lock(); defer mu.Unlock(); return len(built) }
+
+	// Same content: the running prober (the first) stays in use.
+	if err := m.Update([]Target{a}); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(ca, []byte("rotated CA"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := m.Update([]Target{a}); err != nil {
+		t.Fatal(err)
+	}
+	latest := nbuilt() - 1
+	deadline := time.Now().Add(5 * time.Second)
+	for probesOf(latest) < 2 {
+		if time.Now().After(deadline) {
+			t.Fatal("the prober built from the rotated file is not used")
+		}
+		time.Sleep(5 * time.Millisecond) // polling the counter
+	}
+	if probesOf(1) != 0 {
+		t.Errorf("the prober of an unchanged reload was used (%d probes): the loop was replaced needlessly", probesOf(1))
+	}
+	if st := m.Statuses()[0]; st.State != Up || st.Transitions != 1 {
+		t.Errorf("state lost across the rotation: %+v", st)
 	}
 }
