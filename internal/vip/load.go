@@ -19,13 +19,16 @@ import (
 // maxNodes bounds the nodes the walker visits, counting every expansion of
 // an alias: a few lines of nested aliases (or an alias inside its own
 // anchor, which yaml.v3 accepts) would otherwise expand to billions of nodes.
+// The budget grows with the file (a real config has about one node per 8
+// bytes, the budget allows one per 4), so 10,000 pools (about 1 MB, 130,000
+// nodes) parse while a small bomb keeps the base budget.
 const maxNodes = 100_000
 
 // maxText bounds the bytes of keys and values the walker visits, again
 // counting every use of an alias. Checking a value, and quoting it in an
 // error, takes time in proportion to its length, so a long string used
 // through many aliases would otherwise cost maxNodes times its length:
-// minutes and gigabytes for a 100 KB file.
+// minutes and gigabytes for a 100 KB file. It grows with the file too.
 const maxText = 4 << 20
 
 // Load reads the configuration file at path and parses it with Parse. A
@@ -42,7 +45,10 @@ func Load(path string) (*Config, error) {
 // in messages and Config.File. On any problem it returns a nil Config and
 // an Errors holding every problem found in the file.
 func Parse(file string, data []byte) (*Config, error) {
-	w := &walker{file: file, seen: map[FieldError]bool{}}
+	w := &walker{file: file, seen: map[FieldError]bool{},
+		// In whole steps, so that small files (and every bomb) keep the
+		// base budgets: +100,000 nodes per 400 KB, +4 MiB text per MiB.
+		maxNodes: maxNodes * (1 + len(data)/400_000), maxText: maxText * (1 + len(data)>>20)}
 	var spec configSpec
 	if root := w.document(data); root != nil {
 		spec = w.config(root)
@@ -68,6 +74,8 @@ type walker struct {
 	nodes  int
 	text   int // bytes of scalars visited, charged against maxText
 	tooBig *FieldError
+	// the budgets for this file
+	maxNodes, maxText int
 }
 
 // pos is where a value was written; a zero pos means the key was absent.
@@ -144,15 +152,15 @@ func (w *walker) syntaxError(err error) {
 // walk then unwinds without reporting more.
 func (w *walker) visit(n *yaml.Node) *yaml.Node {
 	for ; n != nil && w.tooBig == nil; n = n.Alias {
-		if w.nodes++; w.nodes > maxNodes {
+		if w.nodes++; w.nodes > w.maxNodes {
 			w.tooBig = &FieldError{File: w.file, Line: n.Line, Col: n.Column,
-				Msg: fmt.Sprintf("too many nodes (more than %d, counting each use of an alias)", maxNodes)}
+				Msg: fmt.Sprintf("too many nodes (more than %d, counting each use of an alias)", w.maxNodes)}
 			return nil
 		}
 		if n.Kind == yaml.ScalarNode {
-			if w.text += len(n.Value); w.text > maxText {
+			if w.text += len(n.Value); w.text > w.maxText {
 				w.tooBig = &FieldError{File: w.file, Line: n.Line, Col: n.Column,
-					Msg: fmt.Sprintf("too much text (more than %d MiB of keys and values, counting each use of an alias)", maxText>>20)}
+					Msg: fmt.Sprintf("too much text (more than %d MiB of keys and values, counting each use of an alias)", w.maxText>>20)}
 				return nil
 			}
 		}
