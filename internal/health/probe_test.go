@@ -11,6 +11,7 @@ import (
 	"crypto/x509/pkix"
 	"encoding/pem"
 	"errors"
+	"fmt"
 	"io"
 	"log"
 	"math/big"
@@ -832,5 +833,56 @@ func TestNewProberErrors(t *testing.T) {
 	h.CAFile, h.CertFile, h.KeyFile = files.ca, files.cert, files.key
 	if _, err := NewProber(h); err != nil {
 		t.Errorf("NewProber with valid files: %v", err)
+	}
+}
+
+// Probe connections close with a reset, leaving no TIME_WAIT socket on the
+// LB: at thousands of probes a second those exhaust ports and conntrack.
+func TestProbesLeaveNoTimeWait(t *testing.T) {
+	ln, err := net.Listen("tcp4", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() { _, _ = io.Copy(io.Discard, c); c.Close() }() // says nothing, closes after the peer
+		}
+	}()
+	port := ln.Addr().(*net.TCPAddr).Port
+	target := netip.MustParseAddrPort(ln.Addr().String())
+	for _, typ := range []vip.CheckType{vip.CheckTCP, vip.CheckHTTP} {
+		h := httpCheck(typ)
+		if typ == vip.CheckTCP {
+			h = vip.Health{Type: vip.CheckTCP}
+		}
+		p, err := NewProber(h)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for range 10 {
+			ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
+			p.Probe(ctx, target)
+			cancel()
+		}
+	}
+	// /proc/net/tcp: "sl local rem st ..." with hex ports; state 06 = TIME_WAIT.
+	b, err := os.ReadFile("/proc/net/tcp")
+	if err != nil {
+		t.Fatal(err)
+	}
+	n := 0
+	for _, line := range strings.Split(string(b), "\n")[1:] {
+		f := strings.Fields(line)
+		if len(f) > 3 && f[3] == "06" && strings.HasSuffix(f[2], fmt.Sprintf(":%04X", port)) {
+			n++
+		}
+	}
+	if n != 0 {
+		t.Errorf("%d TIME_WAIT sockets towards the probed port after 20 probes, want 0", n)
 	}
 }
