@@ -3,6 +3,7 @@ package ruleset
 import (
 	"errors"
 	"fmt"
+	"slices"
 	"sync/atomic"
 	"time"
 
@@ -27,6 +28,7 @@ type Applier struct {
 	opts    []nftables.ConnOption
 	conn    *nftables.Conn
 	applied *Table          // what the kernel has; nil = unknown, next apply reads it
+	adopted *Table          // read back by Current, taken over by the next Apply
 	owned   map[string]bool // tables verified as ours in this process
 
 	table atomic.Pointer[string] // name of the table Apply programs, for Watch
@@ -101,7 +103,7 @@ func (a *Applier) dropConn() {
 // Apply reads the table again (and replaces it if it cannot adopt it).
 func (a *Applier) reset() {
 	a.dropConn()
-	a.applied = nil
+	a.applied, a.adopted = nil, nil
 }
 
 // Close releases the netlink socket. The table stays in the kernel.
@@ -143,6 +145,9 @@ func (a *Applier) Apply(next *Table) (Result, error) {
 	start := time.Now()
 	a.table.Store(&next.Name)
 	var res Result
+	if a.adopted != nil { // read by Current
+		a.applied, a.adopted, res.Adopted = a.adopted, nil, true
+	}
 	if a.applied == nil {
 		c, err := a.connect()
 		if err != nil {
@@ -154,7 +159,6 @@ func (a *Applier) Apply(next *Table) (Result, error) {
 		prev, err := Read(c, next.Name)
 		switch {
 		case err == nil:
-			adoptUnknowable(prev, next)
 			a.applied, res.Adopted = prev, true
 		case errors.Is(err, ErrNoTable):
 		default:
@@ -165,6 +169,9 @@ func (a *Applier) Apply(next *Table) (Result, error) {
 				a.dropConn()
 			}
 		}
+	}
+	if res.Adopted {
+		adoptUnknowable(a.applied, next)
 	}
 	res.Plan = Diff(a.applied, next)
 	if res.Plan.Empty() {
@@ -192,6 +199,49 @@ func (a *Applier) Apply(next *Table) (Result, error) {
 	a.applied = next
 	res.Duration = time.Since(start)
 	return res, nil
+}
+
+// Current returns what the kernel has in table ip name as far as the
+// Applier knows: what it applied, or else the table read back from the
+// kernel (nil, nil when there is none, or one it cannot adopt). The daemon
+// uses it at start so that backends not probed yet keep their place.
+func (a *Applier) Current(name string) (*Table, error) {
+	if a.applied != nil {
+		return a.applied, nil
+	}
+	if a.adopted != nil {
+		return a.adopted, nil
+	}
+	c, err := a.connect()
+	if err != nil {
+		return nil, err
+	}
+	if err := a.checkOwned(c, name); err != nil {
+		return nil, err
+	}
+	t, err := Read(c, name)
+	switch {
+	case err == nil:
+		a.adopted = t
+		return t, nil
+	case errors.Is(err, ErrNoTable), errors.Is(err, ErrUnrecognized):
+		return nil, nil
+	}
+	a.dropConn()
+	return nil, err
+}
+
+// Same reports whether the kernel's table (as Read returns it) is what
+// applied describes. It is pure; a drift scanner can call it off the
+// control loop on a table read with its own connection.
+func Same(read, applied *Table) bool {
+	if read == nil || applied == nil {
+		return read == applied
+	}
+	cp := *read
+	cp.Pools = slices.Clone(read.Pools)
+	adoptUnknowable(&cp, applied)
+	return Diff(&cp, applied).Empty()
 }
 
 // adoptUnknowable copies into read (a Table from Read) what the kernel

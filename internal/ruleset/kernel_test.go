@@ -235,3 +235,34 @@ func TestReaderCounters(t *testing.T) {
 		t.Error("Counters of a missing table: no error")
 	}
 }
+
+// Current reads the kernel's table for a new Applier without changing
+// anything; the next Apply adopts it and, unchanged, sends nothing.
+func TestCurrentThenApplyAdopts(t *testing.T) {
+	ns := newScratchNS(t)
+	tbl := Build(goldenSpecs()["readme"])
+	if _, err := ns.applier().Apply(tbl); err != nil {
+		t.Fatal(err)
+	}
+	a := ns.applier()
+	cur, err := a.Current("nftlb")
+	if err != nil || cur == nil {
+		t.Fatalf("Current = %v, %v", cur, err)
+	}
+	if !Same(cur, tbl) {
+		t.Errorf("Current differs from what was applied:\n%+v", Diff(cur, tbl))
+	}
+	res, err := a.Apply(tbl)
+	if err != nil || !res.Adopted || !res.Plan.Empty() {
+		t.Errorf("Apply after Current: %+v, %v; want adopted and empty", res, err)
+	}
+	other := goldenSpecs()["readme"]
+	other.Pools = slices.Clone(other.Pools)
+	other.Pools[0].Backends = other.Pools[0].Backends[:1]
+	if Same(cur, Build(other)) {
+		t.Error("Same ignores a removed backend")
+	}
+	if none, err := ns.applier().Current("absent"); err != nil || none != nil {
+		t.Errorf("Current of a missing table = %v, %v", none, err)
+	}
+}
