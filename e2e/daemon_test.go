@@ -30,7 +30,11 @@ func TestMain(m *testing.M) {
 		os.Exit(1)
 	}
 	nftlbBin = filepath.Join(dir, "nftlb")
-	build := exec.Command("go", "build", "-o", nftlbBin, "../cmd/nftlb")
+	args := []string{"build", "-o", nftlbBin}
+	if raceEnabled {
+		args = append(args, "-race")
+	}
+	build := exec.Command("go", append(args, "../cmd/nftlb")...)
 	build.Stdout, build.Stderr = os.Stderr, os.Stderr
 	if err := build.Run(); err != nil {
 		fmt.Fprintln(os.Stderr, "building nftlb:", err)
@@ -127,7 +131,7 @@ func (d *daemon) waitLog(substr string, n int, timeout time.Duration) {
 func (d *daemon) reload(cfg string) string {
 	d.t.Helper()
 	d.write(cfg)
-	outcomes := []string{"ruleset applied", "ruleset unchanged", "reload rejected"}
+	outcomes := []string{`ruleset applied" why=reload`, `ruleset unchanged" why=reload`, "reload rejected"}
 	before := map[string]int{}
 	for _, o := range outcomes {
 		before[o] = strings.Count(d.logs.String(), o)
@@ -138,7 +142,7 @@ func (d *daemon) reload(cfg string) string {
 		logs := d.logs.String()
 		for _, o := range outcomes {
 			if strings.Count(logs, o) > before[o] {
-				return o
+				return strings.Split(o, `"`)[0]
 			}
 		}
 		select {

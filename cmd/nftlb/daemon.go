@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net/netip"
 	"os"
 	"os/signal"
 	"sync/atomic"
@@ -52,11 +53,54 @@ func cmdRun(args []string, stdout, stderr io.Writer) int {
 	return code
 }
 
+// daemon is the control loop. One goroutine owns the config, the Applier
+// and the pending flushes, so every kernel change is serialized without
+// locks. Probe loops report events to it; conntrack flushes and drift
+// scans run on goroutines of their own so that neither can stall it.
+type daemon struct {
+	log     *slog.Logger
+	path    string
+	cfg     *vip.Config
+	applier *ruleset.Applier
+	health  *health.Manager
+	metrics *metrics.Metrics
+	http    *listener
+
+	// For the HTTP handlers and the drift scanner, which run elsewhere.
+	running atomic.Pointer[vip.Config]
+	applied atomic.Pointer[ruleset.Table]
+
+	counters *ruleset.Reader // kernel counters for scrapes, on its own socket
+	flows    *flows.Flows    // nil: client resets unavailable (logged at start)
+	flushes  chan []flows.Target
+	flushed  chan struct{} // closed when the flush worker has exited
+	// pendingFlush: backends that went down; their connections are
+	// flushed once no pool rule sends new connections to them.
+	pendingFlush map[string]flushReq
+
+	retry   *time.Timer // pending re-apply after a kernel error; nil when none
+	backoff time.Duration
+
+	drift       <-chan struct{} // the Applier's watch; nil while unavailable
+	watchBroken bool            // a failed watch was logged once
+	suspect     chan struct{}   // the drift scanner found a difference
+	done        chan struct{}   // closed by close: stops the scanner
+}
+
+type flushReq struct {
+	pool    string
+	backend vip.Backend
+	target  flows.Target
+	decided time.Time // when the deciding probe finished
+}
+
 func newDaemon(log *slog.Logger, path string) *daemon {
 	d := &daemon{log: log, path: path, applier: ruleset.NewApplier(), health: health.NewManager(),
-		counters: ruleset.NewReader(), pendingFlush: map[string]flushReq{}}
+		counters: ruleset.NewReader(), pendingFlush: map[string]flushReq{}, suspect: make(chan struct{}, 1),
+		done: make(chan struct{})}
 	d.metrics = metrics.New(metrics.Sources{
 		Config:   d.running.Load,
+		Applied:  d.applied.Load,
 		Health:   d.health.Statuses,
 		Counters: d.counters.Counters,
 		Active:   d.activeConnections,
@@ -68,48 +112,18 @@ func newDaemon(log *slog.Logger, path string) *daemon {
 }
 
 func (d *daemon) close() {
+	close(d.done)
 	d.closeListener()
 	d.health.Stop()
+	if d.flushes != nil {
+		close(d.flushes)
+		<-d.flushed
+	}
 	_ = d.applier.Close()
 	_ = d.counters.Close()
 	if d.flows != nil {
 		_ = d.flows.Close()
 	}
-}
-
-// daemon is the control loop. One goroutine owns the config, the Applier
-// and the flow resets, so every kernel change is serialized without locks;
-// probe loops only report events to it.
-type daemon struct {
-	log     *slog.Logger
-	path    string
-	cfg     *vip.Config
-	running atomic.Pointer[vip.Config] // cfg, for the HTTP handlers
-	applier *ruleset.Applier
-	health  *health.Manager
-	flows   *flows.Flows // nil: client resets unavailable (logged at start)
-	// counters reads kernel counters for scrapes, on its own socket.
-	counters *ruleset.Reader
-	metrics  *metrics.Metrics
-	http     *listener
-	retry    *time.Timer // pending re-apply after a kernel error; nil when none
-	backoff  time.Duration
-	// drift: signals from the Applier's watch on our table (nil while
-	// re-watching), and the periodic check that backs it up.
-	drift        <-chan struct{}
-	driftEvery   time.Duration
-	nextDriftChk time.Time
-	// pendingFlush: backends that went down and whose clients are reset
-	// once the kernel no longer sends new connections to them.
-	pendingFlush map[string]flushReq
-}
-
-type flushReq struct {
-	pool    string
-	backend vip.Backend
-	proto   vip.Protocol
-	nudge   bool
-	decided time.Time // when the deciding probe finished
 }
 
 func (d *daemon) start() error {
@@ -120,9 +134,6 @@ func (d *daemon) start() error {
 	}
 	d.log.Info("starting", "version", version, "config", d.path, "table", cfg.Table, "pools", len(cfg.Pools))
 	d.checkForwarding()
-	if err := d.listen(cfg.Metrics.Listen); err != nil {
-		return err
-	}
 	if f, err := flows.New(); err != nil {
 		d.log.Error("clients of failed backends cannot be reset (needs CAP_NET_ADMIN and CAP_NET_RAW); they will wait for their own timeouts", "err", err)
 	} else {
@@ -130,19 +141,29 @@ func (d *daemon) start() error {
 		if !f.LooseTracking() {
 			d.log.Warn("net.netfilter.nf_conntrack_tcp_loose is 0: idle clients of failed backends cannot be nudged to reconnect")
 		}
+		d.flushes, d.flushed = make(chan []flows.Target, 64), make(chan struct{})
+		go d.flushWorker()
 	}
 	if err := d.health.Update(health.TargetsOf(cfg)); err != nil {
 		return err
 	}
+	// What the kernel already has (a previous run's table): backends whose
+	// first probe is late keep their place in it.
+	if _, err := d.applier.Current(cfg.Table); err != nil {
+		return err
+	}
+	if err := d.listen(cfg.Metrics.Listen); err != nil {
+		return err
+	}
 	// The first apply waits for one round of probes (each bounded by its
 	// timeout), so nftlb neither sends traffic to a dead backend nor
-	// rejects traffic to a live one; a table left by a previous run keeps
-	// serving meanwhile.
+	// rejects traffic to a live one; the old table keeps serving meanwhile.
 	d.waitFirstProbes(cfg)
-	if err := d.apply(cfg, "start"); err != nil {
+	if _, err := d.apply(cfg, "start"); err != nil {
 		return err
 	}
 	d.setConfig(cfg)
+	go d.driftScanner(cfg.Table)
 	return nil
 }
 
@@ -174,93 +195,47 @@ func (d *daemon) loop(ctx context.Context, sigs <-chan os.Signal) int {
 		watchdog = t.C
 	}
 	d.watch(ctx)
-	safety := time.NewTicker(time.Second)
-	defer safety.Stop()
+	rewatch := time.NewTicker(5 * time.Second)
+	defer rewatch.Stop()
 	for {
 		var retry <-chan time.Time
 		if d.retry != nil {
 			retry = d.retry.C
 		}
 		select {
-		case <-watchdog:
-			d.notify(sddaemon.SdNotifyWatchdog)
-		case _, ok := <-d.drift:
-			if !ok { // the watch socket failed: check now, watch again
-				d.drift = nil
-				d.watch(ctx)
-			}
-			d.checkDrift("watch")
-		case now := <-safety.C:
-			if d.drift == nil {
-				d.watch(ctx)
-			}
-			if now.After(d.nextDriftChk) {
-				d.checkDrift("periodic")
-			}
 		case <-ctx.Done():
 			return exitOK
+		case <-watchdog:
+			d.notify(sddaemon.SdNotifyWatchdog)
 		case sig := <-sigs:
-			switch sig {
-			case syscall.SIGHUP:
-				d.notify(reloadingState())
-				d.reload()
-				d.notify(sddaemon.SdNotifyReady)
-			default:
+			if sig != syscall.SIGHUP {
 				// The rules stay: a restart or upgrade drops no traffic, and
 				// `nftlb cleanup` is the way to remove them.
 				d.log.Info("stopping; rules stay in the kernel", "signal", sig.String(), "table", d.cfg.Table)
 				return exitOK
 			}
+			d.notify(reloadingState())
+			d.reload()
+			d.notify(sddaemon.SdNotifyReady)
 		case ev := <-d.health.Events():
 			d.healthChanged(ev)
+		case _, ok := <-d.drift:
+			if !ok { // the watch socket failed
+				d.drift = nil
+			}
+			d.checkDrift("watch")
+		case <-d.suspect:
+			d.checkDrift("periodic")
+		case <-rewatch.C:
+			if d.drift == nil {
+				d.watch(ctx)
+			}
 		case <-retry:
 			d.retry = nil
-			if err := d.apply(d.cfg, "retry"); err != nil {
+			if _, err := d.apply(d.cfg, "retry"); err != nil {
 				d.scheduleRetry(err)
 			}
-			d.flushPending()
 		}
-	}
-}
-
-// watch subscribes to changes of our table by others.
-func (d *daemon) watch(ctx context.Context) {
-	ch, err := d.applier.Watch(ctx)
-	if err != nil {
-		d.log.Warn("cannot watch the table for changes by others; relying on the periodic check", "err", err)
-		return
-	}
-	d.drift = ch
-}
-
-// checkDrift compares the kernel with what nftlb applied and, if someone
-// else changed or deleted the table, restores it at once. The periodic
-// safety net backs off with the table's size: a check reads the whole
-// table (0.2 s at 1,000 pools, 5 s at 10,000), and it runs in this loop.
-func (d *daemon) checkDrift(why string) {
-	start := time.Now()
-	dr, err := d.applier.Check()
-	took := time.Since(start)
-	d.driftEvery = max(30*time.Second, 20*took)
-	d.nextDriftChk = time.Now().Add(d.driftEvery)
-	if err != nil {
-		d.log.Warn("drift check failed", "err", err)
-		return
-	}
-	if !dr.Drifted() {
-		return
-	}
-	d.metrics.DriftRepairs.Inc()
-	attrs := []any{"found_by", why, "gone", dr.Gone, "check", took}
-	if dr.Unrecognized != "" {
-		attrs = append(attrs, "unrecognized", dr.Unrecognized)
-	}
-	if len(dr.Changes) > 0 {
-		attrs = append(attrs, "changes", dr.Changes)
-	}
-	d.log.Warn("nftlb's table was changed by someone else; restoring it", attrs...)
-	if err := d.apply(d.cfg, "drift"); err != nil {
-		d.scheduleRetry(err)
 	}
 }
 
@@ -281,97 +256,146 @@ func (d *daemon) healthChanged(first health.Event) {
 		d.log.Info("backend state changed", "pool", ev.Target.Pool, "backend", ev.Target.Addr.String(),
 			"from", ev.From.String(), "to", ev.To.String(), "probe", ev.Result.String())
 		d.metrics.Transitions.WithLabelValues(ev.Target.Pool, ev.Target.Addr.String(), ev.To.String()).Inc()
-		if ev.To == health.Down && ev.From != health.Down {
+		// Unknown -> Down (the first probe after a start) resets nobody: one
+		// lost SYN must not reset every client of a healthy backend.
+		if ev.To == health.Down && ev.From != health.Unknown {
 			d.queueFlush(ev)
 		}
 	}
-	if err := d.apply(d.cfg, "health"); err != nil {
+	res, err := d.apply(d.cfg, "health")
+	if err != nil {
 		d.scheduleRetry(err)
 		return
 	}
+	changed := map[string]bool{}
+	for _, c := range res.Plan.Pools {
+		changed[c.Name] = true
+	}
 	for _, ev := range evs {
+		if !changed[ev.Target.Pool] {
+			continue // the kernel did not need to change (e.g. unready -> down)
+		}
 		latency := time.Since(ev.Result.At)
 		d.metrics.ProbeToKernel.Observe(latency.Seconds())
 		d.log.Info("probe to kernel", "pool", ev.Target.Pool, "backend", ev.Target.Addr.String(),
 			"to", ev.To.String(), "latency", latency)
 	}
-	d.flushPending()
 }
 
-// queueFlush records that a backend's clients must be reset, if it is
-// still in the config (an event can race a reload).
+// queueFlush records that a backend's connections must be flushed, if it
+// is still in the config (an event can race a reload) and its pool wants
+// client resets.
 func (d *daemon) queueFlush(ev health.Event) {
 	for i := range d.cfg.Pools {
 		p := &d.cfg.Pools[i]
+		if p.Name != ev.Target.Pool || !p.Health.ResetClients {
+			continue
+		}
 		for _, b := range p.Backends {
 			if p.ID(b) == ev.Target.ID {
-				d.pendingFlush[ev.Target.ID] = flushReq{pool: p.Name, backend: b, proto: p.Protocol,
-					nudge: p.Health.ResetClients && p.Protocol == vip.TCP, decided: ev.Result.At}
+				d.pendingFlush[ev.Target.ID] = flushReq{pool: p.Name, backend: b, decided: ev.Result.At,
+					target: flows.Target{VIP: netip.AddrPortFrom(p.VIP, p.Port), Backend: b.Addr,
+						Proto: string(p.Protocol), Nudge: p.Protocol == vip.TCP}}
 			}
 		}
 	}
 }
 
-// flushPending resets the clients of backends that went down, now that
-// the kernel sends no new connection to them. A backend the rules still
-// use (on_all_down: serve-all) is left alone.
-func (d *daemon) flushPending() {
-	applied := d.applier.Applied()
-	if applied == nil {
-		return // the last apply failed; a retry is scheduled and flushes after it
+// flushPending hands the flushes whose time has come to the worker: the
+// backend is still down and the kernel no longer sends new connections to
+// it. A backend still in use (on_all_down: serve-all) stays pending until
+// it is out or back up.
+func (d *daemon) flushPending(applied *ruleset.Table) {
+	if d.flushes == nil {
+		clear(d.pendingFlush)
+		return
 	}
+	var batch []flows.Target
 	for id, req := range d.pendingFlush {
+		if d.health.State(id) != health.Down {
+			delete(d.pendingFlush, id) // recovered, or removed by a reload
+			continue
+		}
+		if p := applied.Pool(req.pool); p != nil && p.Uses(req.backend.Addr) {
+			continue
+		}
+		batch = append(batch, req.target)
 		delete(d.pendingFlush, id)
-		if p := applied.Pool(req.pool); p == nil || p.Uses(req.backend.Addr) {
-			continue
-		}
-		if d.flows == nil {
-			continue
-		}
-		res, err := d.flows.Flush(req.backend.Addr, string(req.proto), req.nudge)
-		if err != nil {
-			d.log.Error("resetting clients of a failed backend", "pool", req.pool, "backend", req.backend.Addr.String(), "err", err)
-			continue
-		}
-		d.metrics.ClientsReset.Add(float64(res.Nudged))
-		d.log.Info("connections of failed backend flushed", "pool", req.pool, "backend", req.backend.Addr.String(),
-			"conntrack_deleted", res.Deleted, "clients_nudged", res.Nudged, "since_probe", time.Since(req.decided))
+	}
+	if len(batch) == 0 {
+		return
+	}
+	select {
+	case d.flushes <- batch:
+	default:
+		d.log.Error("flush queue full; dropping client resets", "backends", len(batch))
 	}
 }
 
-// reload validates the file completely, and prepares its health checks,
-// before anything changes; an invalid file, or one the kernel rejects,
-// leaves the running rules and config as they are.
+// flushWorker deletes conntrack entries and nudges clients off the loop:
+// a conntrack dump walks the host-wide table and can take long on a busy
+// gateway.
+func (d *daemon) flushWorker() {
+	defer close(d.flushed)
+	for batch := range d.flushes {
+		start := time.Now()
+		res, err := d.flows.Flush(batch)
+		if err != nil {
+			// Flush still handles the targets it can; their counts follow.
+			d.log.Error("flushing connections of failed backends", "backends", len(batch), "err", err)
+		}
+		d.metrics.ClientsReset.Add(float64(res.Nudged))
+		for i, t := range batch {
+			var tr flows.TargetResult
+			if i < len(res.PerTarget) {
+				tr = res.PerTarget[i]
+			}
+			d.log.Info("connections of failed backend flushed", "vip", t.VIP.String(), "backend", t.Backend.String(),
+				"conntrack_deleted", tr.Deleted, "clients_nudged", tr.Nudged, "duration", time.Since(start))
+		}
+	}
+}
+
+// reload validates the file completely, and prepares its health checks and
+// listener, before anything changes; an invalid file, or one the kernel
+// rejects, leaves the running rules and config as they are.
 func (d *daemon) reload() {
+	reject := func(msg string, err error) {
+		d.log.Error("reload rejected: "+msg+"; keeping the running rules", "err", err)
+		d.metrics.ReloadResult(false, time.Now())
+	}
 	cfg, err := vip.Load(d.path)
 	if err != nil {
 		logConfigErrors(d.log, "reload rejected: invalid config; keeping the running rules", err)
 		d.metrics.ReloadResult(false, time.Now())
 		return
 	}
-	d.checkForwarding()
-	if err := d.listen(cfg.Metrics.Listen); err != nil {
-		d.log.Error("reload rejected: keeping the running rules", "err", err)
-		d.metrics.ReloadResult(false, time.Now())
+	targets := health.TargetsOf(cfg)
+	if err := d.health.Validate(targets); err != nil {
+		reject("health checks", err)
 		return
 	}
-	if err := d.health.Update(health.TargetsOf(cfg)); err != nil {
-		d.log.Error("reload rejected: keeping the running rules", "err", err)
-		d.metrics.ReloadResult(false, time.Now())
+	if err := d.listen(cfg.Metrics.Listen); err != nil {
+		reject("listener", err)
+		return
+	}
+	d.checkForwarding()
+	if err := d.health.Update(targets); err != nil { // validated above; files may have changed since
 		_ = d.listen(d.cfg.Metrics.Listen)
+		reject("health checks", err)
 		return
 	}
 	d.waitFirstProbes(cfg) // only new backends have no result yet
-	if err := d.apply(cfg, "reload"); err != nil {
-		d.log.Error("reload rejected: kernel refused the new rules; keeping the running config", "err", err)
-		d.metrics.ReloadResult(false, time.Now())
+	if _, err := d.apply(cfg, "reload"); err != nil {
+		reject("the kernel refused the new rules", err)
 		_ = d.listen(d.cfg.Metrics.Listen)
+		// The transaction failed as a whole, so the kernel still has the
+		// old rules. Backends the new file removed come back as unknown,
+		// and unknown backends keep their place in the kernel's table.
 		if err := d.health.Update(health.TargetsOf(d.cfg)); err != nil {
 			d.log.Error("restoring health checks", "err", err)
 		}
-		// The transaction failed as a whole, so the kernel still holds the
-		// old rules; the Applier forgot them, so re-assert them in full.
-		if err := d.apply(d.cfg, "restore"); err != nil {
+		if _, err := d.apply(d.cfg, "restore"); err != nil {
 			d.scheduleRetry(err)
 		}
 		return
@@ -379,45 +403,39 @@ func (d *daemon) reload() {
 	d.setConfig(cfg)
 }
 
-// desired is the state the kernel should have: each pool with the
-// backends whose health is Up, or all of them when none is and the pool
-// says on_all_down: serve-all.
-func (d *daemon) desired(cfg *vip.Config) *ruleset.Table {
-	up := map[string]bool{}
-	anyUp := map[string]bool{}
-	for i := range cfg.Pools {
-		p := &cfg.Pools[i]
-		for _, b := range p.Backends {
-			if d.health.State(p.ID(b)) == health.Up {
-				up[p.ID(b)] = true
-				anyUp[p.Name] = true
-			}
-		}
+// apply programs the desired state of cfg. After success it hands due
+// flushes to the worker and publishes the table for metrics and drift.
+func (d *daemon) apply(cfg *vip.Config, why string) (ruleset.Result, error) {
+	kernel, err := d.applier.Current(cfg.Table)
+	if err != nil {
+		d.metrics.ApplyErrors.Inc()
+		return ruleset.Result{}, err
 	}
-	return ruleset.Build(ruleset.FromConfig(cfg, func(p *vip.Pool, b vip.Backend) bool {
-		return up[p.ID(b)] || (!anyUp[p.Name] && p.Health.OnAllDown == vip.AllDownServeAll)
-	}))
-}
-
-func (d *daemon) apply(cfg *vip.Config, why string) error {
-	next := d.desired(cfg)
+	next := desiredTable(cfg, d.health.State, kernel)
 	res, err := d.applier.Apply(next)
 	if err != nil {
 		d.metrics.ApplyErrors.Inc()
-		return err
-	}
-	if !res.Plan.Empty() {
-		d.metrics.ApplyDuration.Observe(res.Duration.Seconds())
+		return res, err
 	}
 	if d.retry != nil {
 		d.retry.Stop()
 		d.retry = nil
 	}
 	d.backoff = 0
+	d.applied.Store(next)
+	if !res.Plan.Empty() {
+		d.metrics.ApplyDuration.Observe(res.Duration.Seconds())
+	}
 	if res.Plan.Empty() && why != "start" {
 		d.log.Info("ruleset unchanged", "why", why)
-		return nil
+	} else {
+		d.logApplied(cfg, why, res)
 	}
+	d.flushPending(next)
+	return res, nil
+}
+
+func (d *daemon) logApplied(cfg *vip.Config, why string, res ruleset.Result) {
 	changed := make([]string, 0, len(res.Plan.Pools))
 	for _, c := range res.Plan.Pools {
 		changed = append(changed, c.Name)
@@ -436,11 +454,10 @@ func (d *daemon) apply(cfg *vip.Config, why string) error {
 		attrs = append(attrs, "fallback", res.Fallback)
 	}
 	d.log.Info("ruleset applied", attrs...)
-	return nil
 }
 
 // scheduleRetry re-applies with exponential backoff (1s..30s). The Applier
-// has forgotten the kernel state, so the retry is a full replace.
+// has forgotten the kernel state, so the retry starts from a fresh read.
 func (d *daemon) scheduleRetry(err error) {
 	d.backoff = min(max(2*d.backoff, time.Second), 30*time.Second)
 	d.log.Error("apply failed; will retry", "err", err, "in", d.backoff)

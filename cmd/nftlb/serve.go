@@ -45,12 +45,25 @@ func (d *daemon) handler() http.Handler {
 	return mux
 }
 
-// listen (re)binds the HTTP listener to addr if it changed.
+// listen (re)binds the HTTP listener to addr if it changed. The new
+// address is bound before the old one is closed, except when only the
+// host changes (the same port would be busy): then the old one is closed
+// first and restored if the new bind fails.
 func (d *daemon) listen(addr string) error {
 	if d.http != nil && d.http.addr == addr {
 		return nil
 	}
 	ln, err := net.Listen("tcp", addr)
+	if err != nil && d.http != nil && samePort(d.http.addr, addr) {
+		old := d.http.addr
+		d.closeListener()
+		d.http = nil
+		if ln, err = net.Listen("tcp", addr); err != nil {
+			if rerr := d.listen(old); rerr != nil {
+				d.log.Error("cannot restore the metrics listener", "addr", old, "err", rerr)
+			}
+		}
+	}
 	if err != nil {
 		return fmt.Errorf("metrics.listen %s: %w", addr, err)
 	}
@@ -60,14 +73,16 @@ func (d *daemon) listen(addr string) error {
 			d.log.Error("metrics listener stopped", "addr", addr, "err", err)
 		}
 	}()
-	if d.http != nil {
-		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
-		_ = d.http.srv.Shutdown(ctx)
-		cancel()
-	}
+	d.closeListener()
 	d.http = &listener{addr: addr, srv: srv}
 	d.log.Info("serving metrics and status", "addr", ln.Addr().String())
 	return nil
+}
+
+func samePort(a, b string) bool {
+	_, pa, err1 := net.SplitHostPort(a)
+	_, pb, err2 := net.SplitHostPort(b)
+	return err1 == nil && err2 == nil && pa == pb
 }
 
 func (d *daemon) closeListener() {
@@ -78,22 +93,13 @@ func (d *daemon) closeListener() {
 	}
 }
 
-// activeConnections counts open DNATed connections per backend (TCP and
-// UDP) from conntrack.
+// activeConnections counts nftlb's open connections per backend (TCP and
+// UDP, one conntrack dump at most every 5 s however often it is scraped).
 func (d *daemon) activeConnections() (map[netip.AddrPort]int, error) {
 	if d.flows == nil {
 		return nil, errors.New("conntrack not available")
 	}
-	out := map[netip.AddrPort]int{}
-	var errs []error
-	for _, proto := range []string{"tcp", "udp"} {
-		m, err := d.flows.Count(proto)
-		errs = append(errs, err)
-		for k, v := range m {
-			out[k] += v
-		}
-	}
-	return out, errors.Join(errs...)
+	return d.flows.Count(5 * time.Second)
 }
 
 func (d *daemon) statusDoc() status.Doc {

@@ -85,7 +85,7 @@ func (m *Manager) SetObserver(f func(Target, Result)) { m.observe = f }
 
 type checker struct {
 	target  Target
-	files   string // fingerprint of the TLS files its prober was built from
+	files   string   // fingerprint of the TLS files its prober was built from
 	tracker *Tracker // guarded by Manager.mu
 	cancel  context.CancelFunc
 	first   chan struct{} // closed once the first result is in

@@ -21,7 +21,8 @@ import (
 // Sources are read at scrape time. Any of them may return errors; the
 // scrape then reports what it could and counts the failure.
 type Sources struct {
-	Config   func() *vip.Config // the running config; nil before the first apply
+	Config   func() *vip.Config    // the running config; nil before the first apply
+	Applied  func() *ruleset.Table // what the kernel was last programmed with
 	Health   func() []health.Status
 	Counters func(table string) (ruleset.Counters, error)
 	Active   func() (map[netip.AddrPort]int, error) // nil: not available
@@ -100,11 +101,11 @@ var (
 	descActive = prometheus.NewDesc("nftlb_backend_active_connections",
 		"Connections to a backend open right now (conntrack, DNATed entries, TIME_WAIT excluded).", []string{"backend"}, nil)
 	descUp = prometheus.NewDesc("nftlb_backend_up",
-		"1 if the backend takes new connections (health up), else 0.", []string{"pool", "backend"}, nil)
+		"1 if the pool's rules send new connections to the backend, else 0.", []string{"pool", "backend"}, nil)
 	descState = prometheus.NewDesc("nftlb_backend_state",
 		"The backend's health state: 1 for the current one of unknown, up, unready, down.", []string{"pool", "backend", "state"}, nil)
 	descPoolUp = prometheus.NewDesc("nftlb_pool_backends_up",
-		"Backends of a pool that take new connections.", []string{"pool"}, nil)
+		"Backends the pool's rules send new connections to.", []string{"pool"}, nil)
 	descPoolBackends = prometheus.NewDesc("nftlb_pool_backends",
 		"Configured backends of a pool.", []string{"pool"}, nil)
 	descLastProbe = prometheus.NewDesc("nftlb_backend_last_probe_info",
@@ -172,14 +173,19 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 	for _, s := range c.src.Health() {
 		states[s.ID] = s
 	}
+	applied := c.src.Applied()
 	for i := range cfg.Pools {
 		p := &cfg.Pools[i]
+		var ap *ruleset.Pool
+		if applied != nil {
+			ap = applied.Pool(p.Name)
+		}
 		up := 0
 		for _, b := range p.Backends {
 			s := states[p.ID(b)]
 			be := b.Addr.String()
 			v := 0.0
-			if s.State == health.Up {
+			if ap != nil && ap.Uses(b.Addr) {
 				v = 1
 				up++
 			}
