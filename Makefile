@@ -41,7 +41,8 @@ clean-lab:
 # example config only if /etc/nftlb/lb.yaml does not exist yet.
 install: build
 	install -D -m 0755 $(BIN) $(DESTDIR)$(PREFIX)/bin/nftlb
-	install -D -m 0644 systemd/nftlb.service $(DESTDIR)/etc/systemd/system/nftlb.service
+	sed 's|/usr/local/bin/nftlb|$(PREFIX)/bin/nftlb|g' systemd/nftlb.service > $(BIN).service
+	install -D -m 0644 $(BIN).service $(DESTDIR)/etc/systemd/system/nftlb.service
 	install -D -m 0644 systemd/99-nftlb.conf $(DESTDIR)/etc/sysctl.d/99-nftlb.conf
 	test -e $(DESTDIR)/etc/nftlb/lb.yaml || install -D -m 0644 examples/lb.yaml $(DESTDIR)/etc/nftlb/lb.yaml
 	@echo "installed; next: sysctl --system; edit /etc/nftlb/lb.yaml; systemctl daemon-reload; systemctl enable --now nftlb"

@@ -6,10 +6,13 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"net/netip"
+	"slices"
 	"time"
 
 	"github.com/google/nftables"
 
+	"github.com/nftlb/nftlb/internal/health"
 	"github.com/nftlb/nftlb/internal/ruleset"
 	"github.com/nftlb/nftlb/internal/status"
 	"github.com/nftlb/nftlb/internal/vip"
@@ -20,8 +23,9 @@ import (
 // the running daemon's /status (its metrics.listen); without a daemon,
 // every backend counts as up, and the output says so.
 func cmdDiff(args []string, stdout, stderr io.Writer) int {
-	fs := newFlags("diff", "-config FILE", stderr)
+	fs := newFlags("diff", "-config FILE [-addr HOST:PORT]", stderr)
 	path := fs.String("config", defaultConfig, "config file")
+	addr := fs.String("addr", "", "the running daemon's metrics.listen, for backend health (default: the file's)")
 	if code, ok := parse(fs, args); !ok {
 		return code
 	}
@@ -29,12 +33,11 @@ func cmdDiff(args []string, stdout, stderr io.Writer) int {
 	if !ok {
 		return exitError
 	}
-	up, note := runningHealth(cfg.Metrics.Listen)
+	if *addr == "" {
+		*addr = cfg.Metrics.Listen
+	}
+	states, note := runningHealth(*addr)
 	fmt.Fprintf(stdout, "# %s\n", note)
-	next := ruleset.Build(ruleset.FromConfig(cfg, func(p *vip.Pool, b vip.Backend) bool {
-		st, known := up[p.ID(b)]
-		return !known || st
-	}))
 	c, err := nftables.New()
 	if err != nil {
 		fmt.Fprintf(stderr, "nftlb diff: %v\n", err)
@@ -51,20 +54,36 @@ func cmdDiff(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "nftlb diff: %v\n", err)
 		return exitError
 	}
-	if prev != nil {
-		// Empty pools keep no scheduler in the kernel; compare like for like.
-		for i := range prev.Pools {
-			if p := next.Pool(prev.Pools[i].Name); p != nil && len(prev.Pools[i].Slots) == 0 {
-				prev.Pools[i].Scheduler = p.Scheduler
-			}
+	// The daemon's own rule for which backends are used; a backend the
+	// daemon does not report (new in this file) counts as up.
+	next := desiredTable(cfg, func(id string) health.State {
+		if st, ok := states[id]; ok {
+			return st
 		}
+		return health.Up
+	}, prev)
+	if prev != nil {
+		prev = sameSchedulerForEmpty(prev, next)
 	}
 	fmt.Fprint(stdout, ruleset.Diff(prev, next).Describe(prev, next))
 	return exitOK
 }
 
-// runningHealth asks the daemon which backends are up.
-func runningHealth(addr string) (map[string]bool, string) {
+// sameSchedulerForEmpty: the kernel keeps no scheduler for a pool without
+// slots, so such pools are compared like for like.
+func sameSchedulerForEmpty(prev, next *ruleset.Table) *ruleset.Table {
+	cp := *prev
+	cp.Pools = slices.Clone(prev.Pools)
+	for i := range cp.Pools {
+		if p := next.Pool(cp.Pools[i].Name); p != nil && len(cp.Pools[i].Slots) == 0 {
+			cp.Pools[i].Scheduler = p.Scheduler
+		}
+	}
+	return &cp
+}
+
+// runningHealth asks the daemon for its backends' states.
+func runningHealth(addr string) (map[string]health.State, string) {
 	client := &http.Client{Timeout: 2 * time.Second}
 	resp, err := client.Get("http://" + addr + "/status")
 	if err != nil {
@@ -75,11 +94,13 @@ func runningHealth(addr string) (map[string]bool, string) {
 	if err := json.NewDecoder(io.LimitReader(resp.Body, 64<<20)).Decode(&doc); err != nil {
 		return nil, fmt.Sprintf("bad /status from %s (%v): every backend counted as up", addr, err)
 	}
-	up := map[string]bool{}
+	states := map[string]health.State{}
 	for _, p := range doc.Pools {
 		for _, b := range p.Backends {
-			up[p.Name+"/"+b.Address] = b.State == "up"
+			if a, err := netip.ParseAddrPort(b.Address); err == nil {
+				states[vip.BackendID(p.Name, a)] = health.ParseState(b.State)
+			}
 		}
 	}
-	return up, fmt.Sprintf("backend health from the nftlb running at %s; new backends counted as up", addr)
+	return states, fmt.Sprintf("backend health from the nftlb running at %s; backends it does not report counted as up", addr)
 }

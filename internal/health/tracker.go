@@ -38,6 +38,16 @@ func (s State) String() string {
 	return "unknown"
 }
 
+// ParseState is the inverse of State.String (Unknown for anything else).
+func ParseState(s string) State {
+	for _, st := range []State{Up, Unready, Down} {
+		if st.String() == s {
+			return st
+		}
+	}
+	return Unknown
+}
+
 // Outcome classifies one probe.
 type Outcome int
 

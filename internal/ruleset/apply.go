@@ -108,13 +108,8 @@ func (a *Applier) reset() {
 
 // Close releases the netlink socket. The table stays in the kernel.
 func (a *Applier) Close() error {
-	if a.conn == nil {
-		return nil
-	}
-	err := a.conn.CloseLasting()
-	a.conn = nil
-	a.pid.Store(0)
-	return err
+	a.dropConn()
+	return nil
 }
 
 // Applied returns what the kernel was last programmed with (nil if unknown).

@@ -196,8 +196,14 @@ func endpointKey(a netip.AddrPort, p vip.Protocol) []byte {
 // ctBitSet: ct KEY & bit != 0 (ct state and ct status have no direction,
 // which google/nftables v0.3.0 would mis-encode).
 func ctBitSet(key expr.CtKey, bit uint32) []expr.Any {
+	return bitSet(&expr.Ct{Register: 1, Key: key}, bit)
+}
+
+// bitSet: LOAD & bit != 0, where load puts a 32-bit host-order value (a
+// mark, ct state or status) into register 1.
+func bitSet(load expr.Any, bit uint32) []expr.Any {
 	return []expr.Any{
-		&expr.Ct{Register: 1, Key: key},
+		load,
 		&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 4,
 			Mask: binaryutil.NativeEndian.PutUint32(bit), Xor: make([]byte, 4)},
 		&expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: make([]byte, 4)},
@@ -346,13 +352,8 @@ func dispatchRule(ch *nftables.Chain, svc *nftables.Set, comment string) *nftabl
 // masqRule: meta mark & MasqMark != 0 masquerade. NAT chains only see a
 // connection's first packet, so the packet mark set there is enough.
 func masqRule(ch *nftables.Chain) *nftables.Rule {
-	return &nftables.Rule{Table: ch.Table, Chain: ch, Exprs: []expr.Any{
-		&expr.Meta{Key: expr.MetaKeyMARK, Register: 1},
-		&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 4,
-			Mask: binaryutil.NativeEndian.PutUint32(MasqMark), Xor: make([]byte, 4)},
-		&expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: make([]byte, 4)},
-		&expr.Masq{},
-	}}
+	exprs := bitSet(&expr.Meta{Key: expr.MetaKeyMARK, Register: 1}, MasqMark)
+	return &nftables.Rule{Table: ch.Table, Chain: ch, Exprs: append(exprs, &expr.Masq{})}
 }
 
 func l4protoIs(p vip.Protocol) []expr.Any {

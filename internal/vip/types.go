@@ -5,7 +5,6 @@
 package vip
 
 import (
-	"fmt"
 	"net/netip"
 	"time"
 )
@@ -123,8 +122,3 @@ func BackendID(pool string, addr netip.AddrPort) string {
 
 // ID returns the backend's stable identity within pool p.
 func (p *Pool) ID(b Backend) string { return BackendID(p.Name, b.Addr) }
-
-// Key identifies what the kernel dispatches on: vip . protocol . port.
-func (p *Pool) Key() string {
-	return fmt.Sprintf("%s:%d/%s", p.VIP, p.Port, p.Protocol)
-}
