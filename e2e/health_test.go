@@ -3,6 +3,7 @@ package e2e
 import (
 	"bufio"
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -501,21 +502,82 @@ func TestReloadKeepsHealthState(t *testing.T) {
 	d := startDaemon(t, h.Lab, healthYAML(h.Lab, ""))
 	h.http[2].SetReady(false)
 	d.waitTransition(h.Backend(3), "up", "unready", time.Now(), detectBound+margin+2*time.Second)
-	before := strings.Count(d.logs.String(), "backend state changed")
-	// Change the pool's check settings and add a pool.
+	before := backendStatus(t, h.Lab, "api")
+	// Change the pool's check settings (its probe loops are replaced) and
+	// add a pool.
 	cfg := healthYAML(h.Lab, "      rise: 3\n") + poolYAML("other", 2, apiPort, backendsOn(h.Lab, apiPort)[:1], "")
+	reloaded := time.Now()
 	if got := d.reload(cfg); got != "ruleset applied" {
 		t.Fatalf("reload: %s", got)
 	}
-	// Drive a full round of probes past the reload before judging.
-	d.waitLog("backend state changed", before+1, 3*time.Second) // other's backend: unknown -> up
-	logs := d.logs.String()
-	if strings.Count(logs, "backend state changed") != before+1 {
-		t.Errorf("reload caused transitions of surviving backends:\n%s", logs)
+	// Judge only once every surviving backend was probed after the reload.
+	var after map[string]statusBackend
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		after = backendStatus(t, h.Lab, "api")
+		fresh := 0
+		for _, b := range after {
+			if b.LastProbe.At.After(reloaded) {
+				fresh++
+			}
+		}
+		if fresh == len(before) {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("surviving backends not probed within 5s of the reload: %+v", after)
+		}
+		time.Sleep(20 * time.Millisecond) // polling /status
+	}
+	for addr, b := range before {
+		a := after[addr]
+		if a.State != b.State || a.Transitions != b.Transitions || !a.Since.Equal(b.Since) {
+			t.Errorf("%s: state %s/%d transitions/since %v before the reload, %s/%d/%v after",
+				addr, b.State, b.Transitions, b.Since, a.State, a.Transitions, a.Since)
+		}
 	}
 	if count, _ := shares(t, h.Lab, vipAddr(1, apiPort), 4); count["b3"] != 0 {
 		t.Errorf("the unready backend lost its state on reload: %v", count)
 	}
+}
+
+type statusBackend struct {
+	State       string    `json:"state"`
+	Since       time.Time `json:"since"`
+	Transitions int       `json:"transitions"`
+	LastProbe   struct {
+		At time.Time `json:"at"`
+	} `json:"last_probe"`
+}
+
+// backendStatus returns pool's backends from the daemon's /status.
+func backendStatus(t *testing.T, l *lab.Lab, pool string) map[string]statusBackend {
+	t.Helper()
+	out, err := nftlb(t, l, "status", "-json")
+	if err != nil {
+		t.Fatalf("nftlb status -json: %v\n%s", err, out)
+	}
+	var doc struct {
+		Pools []struct {
+			Name     string `json:"name"`
+			Backends []struct {
+				Address string `json:"address"`
+				statusBackend
+			} `json:"backends"`
+		} `json:"pools"`
+	}
+	if err := json.Unmarshal([]byte(out), &doc); err != nil {
+		t.Fatalf("status JSON: %v\n%s", err, out)
+	}
+	m := map[string]statusBackend{}
+	for _, p := range doc.Pools {
+		if p.Name == pool {
+			for _, b := range p.Backends {
+				m[b.Address] = b.statusBackend
+			}
+		}
+	}
+	return m
 }
 
 // At start, the first apply waits for one round of probes: a backend that
