@@ -4,7 +4,7 @@ BIN     := bin/nftlb
 VERSION ?= $(shell git describe --always --dirty 2>/dev/null || echo dev)
 LDFLAGS := -X main.version=$(VERSION)
 
-.PHONY: build demo test fuzz bench clean clean-lab install
+.PHONY: build demo test fuzz bench bench-go clean clean-lab install
 
 PREFIX  ?= /usr/local
 DESTDIR ?=
@@ -29,8 +29,14 @@ test:
 fuzz:
 	$(GO) test -run '^$$' -fuzz '^FuzzParse$$' -fuzztime 5m ./internal/vip
 
-# Go benchmarks of render and apply (root: they use a scratch namespace).
+# Every benchmark scenario in the lab (data plane vs HAProxy and hand-written
+# rules, dispatch scale, control plane, failover); rewrites docs/benchmarks.md.
+# Root; installs wrk and haproxy if missing; about 12 minutes.
 bench:
+	bash bench/run.sh
+
+# Only the Go benchmarks of render and apply (root: scratch namespace).
+bench-go:
 	$(GO) test -run '^$$' -bench . -benchtime 5x -count 1 ./internal/ruleset
 
 # Removes lab namespaces (nlbt*) left behind by a killed test or demo.
