@@ -50,6 +50,8 @@ type logBook struct {
 	partial []byte
 	entries []logEntry
 	changed chan struct{} // closed and replaced on every new entry
+	// parse fills Time, Msg and F from Raw; nil: nftlb's JSON lines.
+	parse func(*logEntry)
 }
 
 func newLogBook() *logBook { return &logBook{changed: make(chan struct{})} }
@@ -67,7 +69,9 @@ func (b *logBook) Write(p []byte) (int, error) {
 		line := string(b.partial[:i])
 		b.partial = b.partial[i+1:]
 		e := logEntry{Raw: line}
-		if err := json.Unmarshal([]byte(line), &e.F); err == nil {
+		if b.parse != nil {
+			b.parse(&e)
+		} else if err := json.Unmarshal([]byte(line), &e.F); err == nil {
 			e.Msg = e.str("msg")
 			e.Time, _ = time.Parse(time.RFC3339Nano, e.str("time"))
 		}
@@ -118,7 +122,9 @@ func match(msg string, kv ...string) func(logEntry) bool {
 	}
 }
 
-// daemon is one `nftlb run` in the lab's LB namespace, logging JSON.
+// daemon is one `nftlb run` in the lab's LB namespace, logging JSON, or
+// one HAProxy (startHAProxy), whose log lines are parsed into the same
+// entries.
 type daemon struct {
 	cmd    *exec.Cmd
 	logs   *logBook
@@ -146,6 +152,13 @@ func startDaemon(ctx context.Context, l *lab.Lab, bin, dir, cfg string) (*daemon
 		return nil, err
 	}
 	return d, nil
+}
+
+func (d *daemon) name() string {
+	if d.logs.parse != nil {
+		return "haproxy"
+	}
+	return "nftlb"
 }
 
 // Pid is the daemon's process id: `ip netns exec` execs nftlb, so the
@@ -190,9 +203,9 @@ func (d *daemon) waitFor(ctx context.Context, from int, within time.Duration, pr
 		case <-ctx.Done():
 			return logEntry{}, 0, ctx.Err()
 		case <-d.exited:
-			return logEntry{}, 0, fmt.Errorf("nftlb exited (%v); its log:\n%s", d.err, tail(b.String(), 40))
+			return logEntry{}, 0, fmt.Errorf("%s exited (%v); its log:\n%s", d.name(), d.err, tail(b.String(), 40))
 		case <-timer.C:
-			return logEntry{}, 0, fmt.Errorf("the expected line did not appear in nftlb's log within %v; the end of its log:\n%s", within, tail(b.String(), 40))
+			return logEntry{}, 0, fmt.Errorf("the expected line did not appear in %s's log within %v; the end of its log:\n%s", d.name(), within, tail(b.String(), 40))
 		}
 	}
 }

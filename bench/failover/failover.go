@@ -8,6 +8,7 @@ import (
 	"io"
 	"math/rand/v2"
 	"net"
+	"slices"
 	"sort"
 	"strings"
 	"sync"
@@ -32,9 +33,9 @@ type failLab struct {
 	who, http []*lab.Server
 }
 
-func failoverConfig(o options, l *lab.Lab) string {
+func failoverConfig(p profile, l *lab.Lab) string {
 	var b strings.Builder
-	fmt.Fprintf(&b, "# written by bench/failover\nhealth:\n  interval: %v\n  timeout: %v\n  rise: %d\n  fall: %d\n", o.interval, o.timeout, rise, fall)
+	fmt.Fprintf(&b, "# written by bench/failover\nhealth:\n  interval: %v\n  timeout: %v\n  rise: %d\n  fall: %d\n", p.interval, p.timeout, rise, fall)
 	fmt.Fprintf(&b, "pools:\n  - name: kube-apiserver\n    vip: %s\n    port: %d\n    health:\n      type: http\n      port: %d\n      path: /readyz\n    backends:\n",
 		lab.VIP(1), apiPort, healthPort)
 	for _, be := range l.Backends {
@@ -81,7 +82,7 @@ type runResult struct {
 	probe   string        // the deciding probe, as logged
 	kernel  time.Duration // the daemon's "probe to kernel" latency
 	apply   time.Duration // "ruleset applied" duration of that change
-	flushed time.Duration // since_probe of "connections of failed backend flushed"; -1: none
+	flushed time.Duration // deciding probe -> "connections of failed backend flushed" logged; -1: none
 	idle    time.Duration // fault -> the idle connection's read returned an error; -1: not within detection+2s
 	idleErr string
 
@@ -94,10 +95,16 @@ type runResult struct {
 	timeouts             []string      // connections that hit their own 3 s timeout: start - detection, and where
 	maxGap               time.Duration // longest pause between two new connections (a stall of this program or the machine)
 	back                 time.Duration // restore -> "to=up" line (recovery, for information)
+
+	// HAProxy only: its second backend, with on-marked-down
+	// shutdown-sessions (its own checks, its own idle connection).
+	sdDetect  time.Duration
+	sdIdle    time.Duration // fault -> that idle connection's read failed; -1: not within its detection+2s
+	sdIdleErr string
 }
 
-func runFailover(ctx context.Context, o options, dir string) (map[string][]runResult, error) {
-	progress("part 1: building the lab (client, LB, b1 b2 b3)")
+func runFailover(ctx context.Context, o options, p profile, dir string) (map[string][]runResult, error) {
+	progress("part 1 %s: building the lab (client, LB, b1 b2 b3)", p.name)
 	l, err := lab.New(lab.Options{Backends: 3})
 	if err != nil {
 		return nil, err
@@ -121,12 +128,22 @@ func runFailover(ctx context.Context, o options, dir string) (map[string][]runRe
 		}
 		h.who, h.http = append(h.who, w), append(h.http, s)
 	}
-	progress("part 1: starting nftlb (interval %v, timeout %v, rise %d, fall %d, http /readyz on %d)", o.interval, o.timeout, rise, fall, healthPort)
-	d, err := startDaemon(ctx, l, o.bin, dir, failoverConfig(o, l))
-	if err != nil {
-		return nil, err
+	var d *daemon
+	var hp *haproxyRun
+	if p.contender == "haproxy" {
+		progress("part 1: starting haproxy (inter %v, timeout check %v, rise %d, fall %d, httpchk GET /readyz on %d) in %s", p.interval, p.timeout, rise, fall, healthPort, l.LB.Name)
+		if hp, err = startHAProxy(ctx, l, dir, p); err != nil {
+			return nil, err
+		}
+		defer hp.stop()
+		d = hp.daemon
+	} else {
+		progress("part 1: starting nftlb (interval %v, timeout %v, rise %d, fall %d, http /readyz on %d)", p.interval, p.timeout, rise, fall, healthPort)
+		if d, err = startDaemon(ctx, l, o.bin, dir, failoverConfig(p, l)); err != nil {
+			return nil, err
+		}
+		defer d.stop()
 	}
-	defer d.stop()
 	for i := range 3 {
 		cctx, cancel := context.WithTimeout(ctx, connTO)
 		_, _, err := l.Who(cctx, l.Client, vip1)
@@ -136,13 +153,23 @@ func runFailover(ctx context.Context, o options, dir string) (map[string][]runRe
 		}
 	}
 
-	fmt.Printf("## Part 1: detection and client resets\n\n")
-	fmt.Printf("One lab and one nftlb for all runs: after each run the backend is restored and the run waits for nftlb to log it up again (and apply that). Before each fault a random 0..interval wait puts the fault at a random phase of the probe schedule. Victims rotate b1, b2, b3. Bound = interval*fall + timeout = %v.\n\n", o.interval*fall+o.timeout)
+	fmt.Printf("## Part 1: detection and client resets: %s (interval %v, timeout %v, rise %d, fall %d)\n\n", p.name, p.interval, p.timeout, rise, fall)
+	if p.contender == "haproxy" {
+		fmt.Printf("HAProxy in TCP mode in the LB namespace, the VIP on its lo; `option httpchk GET /readyz`, `check port %d inter %v fall %d rise %d`, `timeout check %v`. Backend `%s` is HAProxy's default; `%s` (frontend port %d, same servers) adds `on-marked-down shutdown-sessions`. Detection = HAProxy's own log line `Server be/bN is DOWN` (`log stdout format rfc5424`, HAProxy's timestamp, µs). Before each run every server has the full check health (rise + fall - 1, from `show servers state`): a server that has just come back goes down after one failed check. New connections go to port %d only; each run keeps one idle connection on the victim through each frontend. After each run the backend is restored and the run waits for both `UP` lines. Before each fault a random 0..interval wait puts the fault at a random phase of the check schedule. Victims rotate b1, b2, b3. Bound = interval*fall + timeout = %v.\n\n",
+			healthPort, p.interval, fall, rise, p.timeout, haproxyPool, haproxySDPool, sdPort, apiPort, p.bound())
+	} else {
+		fmt.Printf("One lab and one nftlb for all runs: after each run the backend is restored and the run waits for nftlb to log it up again (and apply that). Before each fault a random 0..interval wait puts the fault at a random phase of the probe schedule. Victims rotate b1, b2, b3. Bound = interval*fall + timeout = %v.\n\n", p.bound())
+	}
 	fmt.Println("```")
 	results := map[string][]runResult{}
 	for _, f := range faults {
-		for run := 1; run <= o.runs; run++ {
-			r, err := oneRun(ctx, o, h, d, f, run)
+		for run := 1; run <= p.runs; run++ {
+			if hp != nil {
+				if err := hp.waitFullHealth(ctx, 3*p.interval*(rise+fall)); err != nil {
+					return nil, err
+				}
+			}
+			r, err := oneRun(ctx, o, p, h, d, f, run)
 			if err != nil {
 				return nil, fmt.Errorf("%s run %d: %w", f.name, run, err)
 			}
@@ -167,8 +194,13 @@ func (r runResult) String() string {
 		idle = fmt.Sprintf("%v(%s)", ms(r.idle), r.idleErr)
 	}
 	timeouts := ""
-	if len(r.timeouts) > 0 {
-		timeouts = " timeouts(start-detection)=" + strings.Join(r.timeouts, ",")
+	if n := len(r.timeouts); n > 0 {
+		shown := r.timeouts
+		if n > 8 { // HAProxy: every connection to the broken server before detection
+			shown = append(slices.Clone(shown[:4]), fmt.Sprintf("…%d more…", n-8))
+			shown = append(shown, r.timeouts[n-4:]...)
+		}
+		timeouts = " timeouts(start-detection)=" + strings.Join(shown, ",")
 	}
 	if len(r.beforeFails) > 0 {
 		timeouts += " failed_before_fault(start-fault)=" + strings.Join(r.beforeFails, ",")
@@ -176,6 +208,13 @@ func (r runResult) String() string {
 	flushed := "none"
 	if r.flushed >= 0 {
 		flushed = ms(r.flushed)
+	}
+	if r.sdDetect != 0 {
+		sdIdle := "not-ended"
+		if r.sdIdle >= 0 {
+			sdIdle = fmt.Sprintf("%v(%s)", ms(r.sdIdle), r.sdIdleErr)
+		}
+		timeouts += fmt.Sprintf(" shutdown-sessions:detect=%s,idle_end=%s", ms(r.sdDetect), sdIdle)
 	}
 	return fmt.Sprintf("%-6s run=%2d victim=%s phase=%-7s detect=%-7s probe->kernel=%-7s apply=%-7s flushed_after_probe=%-7s idle_end=%-20s before=%d/%d failed window=%d/%d failed(%s) after_det+100ms=%d/%d failed to_victim_after_det=%d back_up=%s max_gap=%s%s probe=%q",
 		r.kind, r.run, r.victim, ms(r.jitter), ms(r.detect), ms(r.kernel), ms(r.apply), flushed, idle,
@@ -208,11 +247,11 @@ type idleEnd struct {
 	err error
 }
 
-// dialIdle opens connections to the VIP until one lands on backend name.
-func dialIdle(ctx context.Context, l *lab.Lab, name string) (*idleConn, error) {
+// dialIdle opens connections to addr until one lands on backend name.
+func dialIdle(ctx context.Context, l *lab.Lab, addr, name string) (*idleConn, error) {
 	for range 12 {
 		cctx, cancel := context.WithTimeout(ctx, connTO)
-		c, err := l.Client.Dial(cctx, "tcp", vip1)
+		c, err := l.Client.Dial(cctx, "tcp", addr)
 		cancel()
 		if err != nil {
 			return nil, err
@@ -236,7 +275,29 @@ func dialIdle(ctx context.Context, l *lab.Lab, name string) (*idleConn, error) {
 		}()
 		return ic, nil
 	}
-	return nil, fmt.Errorf("no connection to %s landed on %s", vip1, name)
+	return nil, fmt.Errorf("no connection to %s landed on %s", addr, name)
+}
+
+// wait returns how the idle connection ended, if it did by until (or
+// before this call: the load's last connections can keep the caller past
+// until, and an end that is already known must not lose a race against
+// an expired timer).
+func (ic *idleConn) wait(ctx context.Context, until time.Time) (idleEnd, bool, error) {
+	select {
+	case end := <-ic.ended:
+		return end, true, nil
+	default:
+	}
+	t := time.NewTimer(time.Until(until))
+	defer t.Stop()
+	select {
+	case end := <-ic.ended:
+		return end, true, nil
+	case <-t.C:
+		return idleEnd{}, false, nil
+	case <-ctx.Done():
+		return idleEnd{}, false, ctx.Err()
+	}
 }
 
 func errKind(err error) string {
@@ -307,17 +368,28 @@ func (p *load) finish() []attempt {
 	return p.attempts
 }
 
-func oneRun(ctx context.Context, o options, h *failLab, d *daemon, f fault, run int) (runResult, error) {
+func oneRun(ctx context.Context, o options, p profile, h *failLab, d *daemon, f fault, run int) (runResult, error) {
 	vi := (run - 1) % len(h.Backends)
 	victim := h.Backends[vi]
 	target := fmt.Sprintf("%s:%d", victim.Addr, apiPort)
-	r := runResult{kind: f.name, run: run, victim: victim.Name, flushed: -1, idle: -1, failKinds: map[string]int{}}
+	r := runResult{kind: f.name, run: run, victim: victim.Name, flushed: -1, idle: -1, sdIdle: -1, failKinds: map[string]int{}}
+	isHAProxy := p.contender == "haproxy"
+	if isHAProxy {
+		r.apply, r.kernel = -1, -1 // nftlb's own lines; HAProxy has none
+	}
 
-	ic, err := dialIdle(ctx, h.Lab, victim.Name)
+	ic, err := dialIdle(ctx, h.Lab, vip1, victim.Name)
 	if err != nil {
 		return r, err
 	}
 	defer ic.c.Close()
+	var ic2 *idleConn
+	if isHAProxy {
+		if ic2, err = dialIdle(ctx, h.Lab, vipSD, victim.Name); err != nil {
+			return r, err
+		}
+		defer ic2.c.Close()
+	}
 	ld := startLoad(ctx, h.Lab, o.rate)
 	stopped := false
 	defer func() {
@@ -325,7 +397,7 @@ func oneRun(ctx context.Context, o options, h *failLab, d *daemon, f fault, run 
 			ld.finish()
 		}
 	}()
-	r.jitter = 200*time.Millisecond + rand.N(o.interval)
+	r.jitter = 200*time.Millisecond + rand.N(p.interval)
 	if err := sleep(ctx, r.jitter); err != nil {
 		return r, err
 	}
@@ -338,26 +410,38 @@ func oneRun(ctx context.Context, o options, h *failLab, d *daemon, f fault, run 
 	if took := time.Since(t0); took > 5*time.Millisecond {
 		progress("note: breaking %s took %v", victim.Name, took)
 	}
-	bound := o.interval*fall + o.timeout
-	e, at, err := d.waitFor(ctx, mark, bound+10*time.Second, match("backend state changed", "backend", target, "to", "down"))
+	bound := p.bound()
+	e, at, err := d.waitFor(ctx, mark, bound+10*time.Second, match("backend state changed", "pool", p.pool(), "backend", target, "to", "down"))
 	if err != nil {
 		return r, fmt.Errorf("waiting for %s to be taken out: %w", target, err)
 	}
 	det := e.Time
 	r.detect = det.Sub(t0)
 	r.probe = e.str("probe")
-	if a, _, err := d.waitFor(ctx, at, 5*time.Second, match("ruleset applied")); err == nil {
-		r.apply = a.dur("duration")
+	var sdDet time.Time
+	if isHAProxy {
+		e2, _, err := d.waitFor(ctx, mark, bound+10*time.Second, match("backend state changed", "pool", haproxySDPool, "backend", target, "to", "down"))
+		if err != nil {
+			return r, fmt.Errorf("waiting for %s to be taken out of %s: %w", target, haproxySDPool, err)
+		}
+		sdDet = e2.Time
+		r.sdDetect = sdDet.Sub(t0)
 	} else {
-		return r, err
-	}
-	if k, _, err := d.waitFor(ctx, at, 5*time.Second, match("probe to kernel", "backend", target, "to", "down")); err == nil {
+		if a, _, err := d.waitFor(ctx, at, 5*time.Second, match("ruleset applied")); err == nil {
+			r.apply = a.dur("duration")
+		} else {
+			return r, err
+		}
+		k, _, err := d.waitFor(ctx, at, 5*time.Second, match("probe to kernel", "backend", target, "to", "down"))
+		if err != nil {
+			return r, err
+		}
 		r.kernel = k.dur("latency")
-	} else {
-		return r, err
-	}
-	if fl, _, err := d.waitFor(ctx, at, 2*time.Second, match("connections of failed backend flushed", "backend", target)); err == nil {
-		r.flushed = fl.dur("since_probe")
+		// The deciding probe ended `latency` before the "probe to kernel"
+		// line; the flush line comes when the worker is done.
+		if fl, _, err := d.waitFor(ctx, at, 2*time.Second, match("connections of failed backend flushed", "backend", target)); err == nil && r.kernel >= 0 {
+			r.flushed = fl.Time.Sub(k.Time.Add(-r.kernel))
+		}
 	}
 
 	// New connections until detection + 1 s, then let those in flight end.
@@ -367,12 +451,17 @@ func oneRun(ctx context.Context, o options, h *failLab, d *daemon, f fault, run 
 	attempts := ld.finish()
 	stopped = true
 	sort.Slice(attempts, func(i, j int) bool { return attempts[i].start.Before(attempts[j].start) })
-	select {
-	case end := <-ic.ended:
+	if end, ok, err := ic.wait(ctx, det.Add(2*time.Second)); err != nil {
+		return r, err
+	} else if ok {
 		r.idle, r.idleErr = end.at.Sub(t0), errKind(end.err)
-	case <-time.After(time.Until(det.Add(2 * time.Second))):
-	case <-ctx.Done():
-		return r, ctx.Err()
+	}
+	if ic2 != nil {
+		if end, ok, err := ic2.wait(ctx, sdDet.Add(2*time.Second)); err != nil {
+			return r, err
+		} else if ok {
+			r.sdIdle, r.sdIdleErr = end.at.Sub(t0), errKind(end.err)
+		}
 	}
 	for i, a := range attempts {
 		if i > 0 {
@@ -415,7 +504,7 @@ func oneRun(ctx context.Context, o options, h *failLab, d *daemon, f fault, run 
 
 	// Restore, at a random phase of the probe schedule too, and wait until
 	// nftlb has put the backend back.
-	if err := sleep(ctx, rand.N(o.interval)); err != nil {
+	if err := sleep(ctx, rand.N(p.interval)); err != nil {
 		return r, err
 	}
 	mark = d.logs.Len()
@@ -423,11 +512,18 @@ func oneRun(ctx context.Context, o options, h *failLab, d *daemon, f fault, run 
 	if err := f.fix(h, vi); err != nil {
 		return r, err
 	}
-	up, at, err := d.waitFor(ctx, mark, time.Duration(rise+1)*o.interval+o.timeout+10*time.Second, match("backend state changed", "backend", target, "from", "down", "to", "up"))
+	within := time.Duration(rise+1)*p.interval + p.timeout + 10*time.Second
+	up, at, err := d.waitFor(ctx, mark, within, match("backend state changed", "pool", p.pool(), "backend", target, "from", "down", "to", "up"))
 	if err != nil {
 		return r, fmt.Errorf("waiting for %s to be back: %w", target, err)
 	}
 	r.back = up.Time.Sub(t1)
+	if isHAProxy {
+		if _, _, err := d.waitFor(ctx, mark, within, match("backend state changed", "pool", haproxySDPool, "backend", target, "from", "down", "to", "up")); err != nil {
+			return r, fmt.Errorf("waiting for %s to be back in %s: %w", target, haproxySDPool, err)
+		}
+		return r, nil
+	}
 	if _, _, err := d.waitFor(ctx, at, 5*time.Second, match("probe to kernel", "backend", target, "to", "up")); err != nil {
 		return r, err
 	}

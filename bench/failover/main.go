@@ -10,11 +10,17 @@
 //     probe-to-kernel latency and apply duration for a change of one pool,
 //     and its RSS and CPU while probing.
 //
+// -contender haproxy runs part 1's fault sequence against HAProxy in TCP
+// mode instead (haproxy.go); -contender all runs nftlb at its defaults
+// (interval 2s, timeout 1s), nftlb at 200ms/100ms and HAProxy at its
+// defaults (inter 2s, timeout check 1s), and prints them side by side.
+//
 // Progress goes to stderr, results (raw runs, then markdown tables) to
 // stdout. The labs are always torn down, also on errors and Ctrl-C.
 //
 //	go build -o bin/nftlb ./cmd/nftlb
 //	go run ./bench/failover -nftlb bin/nftlb
+//	go run ./bench/failover -nftlb bin/nftlb -contender all
 package main
 
 import (
@@ -23,6 +29,7 @@ import (
 	"flag"
 	"fmt"
 	"os"
+	"os/exec"
 	"os/signal"
 	"path/filepath"
 	"runtime"
@@ -41,6 +48,59 @@ type options struct {
 
 	scaleBackend string
 	scaleWindow  time.Duration
+
+	contender string
+	set       map[string]bool // flags given on the command line
+}
+
+// profile is one contender at one check timing: part 1 runs once per
+// profile, each in a lab of its own.
+type profile struct {
+	name              string // as the tables show it
+	contender         string // nftlb or haproxy
+	interval, timeout time.Duration
+	runs              int
+}
+
+// bound is the worst case to take a frozen backend out: a fault right
+// after a good probe, then fall failed probes, the last one timing out.
+func (p profile) bound() time.Duration { return p.interval*fall + p.timeout }
+
+// pool is the name the contender's log gives the failover pool.
+func (p profile) pool() string {
+	if p.contender == "haproxy" {
+		return haproxyPool
+	}
+	return "kube-apiserver"
+}
+
+// profilesOf is what -contender asks for. With all, each profile's runs
+// default to what keeps the whole under 5 minutes.
+func profilesOf(o options) []profile {
+	runs := func(def int) int {
+		if o.set["runs"] {
+			return o.runs
+		}
+		return def
+	}
+	durOr := func(name string, v, def time.Duration) time.Duration {
+		if o.set[name] {
+			return v
+		}
+		return def
+	}
+	switch o.contender {
+	case "haproxy":
+		// HAProxy's default inter, and nftlb's default timeout as `timeout check`.
+		return []profile{{"HAProxy", "haproxy", durOr("interval", o.interval, 2*time.Second), durOr("timeout", o.timeout, time.Second), o.runs}}
+	case "all":
+		return []profile{
+			{"nftlb (defaults)", "nftlb", 2 * time.Second, time.Second, runs(3)},
+			{"nftlb (aggressive)", "nftlb", 200 * time.Millisecond, 100 * time.Millisecond, runs(10)},
+			{"HAProxy 2.6 (defaults)", "haproxy", 2 * time.Second, time.Second, runs(3)},
+		}
+	}
+	return []profile{{"nftlb", "nftlb", o.interval, o.timeout, o.runs}}
 }
 
 const (
@@ -58,10 +118,19 @@ func main() {
 	flag.BoolVar(&o.skip, "skip-scale", false, "skip the 1,000-pool measurement")
 	flag.StringVar(&o.scaleBackend, "scale-backend", "who", "1,000 pools: what b1..b3:6443 serve: who (greets at once, so probes end in a RST) or silent (sends nothing first, like TLS: probes end with a FIN and leave TIME_WAIT on the LB)")
 	flag.DurationVar(&o.scaleWindow, "scale-window", 10*time.Second, "1,000 pools: how long to measure nftlb's CPU while it probes")
+	flag.StringVar(&o.contender, "contender", "nftlb", "part 1 against: nftlb; haproxy (HAProxy in TCP mode, -interval/-timeout default 2s/1s); all (nftlb 2s/1s, nftlb 200ms/100ms, HAProxy 2s/1s, side by side; -runs defaults to 3, 10, 3). Part 2 runs with nftlb only")
 	flag.Parse()
-	if o.runs < 0 || o.rate < 1 || o.rate > 1000 || o.interval <= 0 || o.timeout <= 0 || o.timeout >= o.interval ||
-		(o.scaleBackend != "who" && o.scaleBackend != "silent") || o.scaleWindow < time.Second {
-		fmt.Fprintln(os.Stderr, "failover: want -runs >= 0 (0: only the 1,000 pools), 1 <= -rate <= 1000, 0 < -timeout < -interval, -scale-backend who|silent, -scale-window >= 1s")
+	o.set = map[string]bool{}
+	flag.Visit(func(f *flag.Flag) { o.set[f.Name] = true })
+	profs := profilesOf(o)
+	bad := o.runs < 0 || o.rate < 1 || o.rate > 1000 || (o.scaleBackend != "who" && o.scaleBackend != "silent") || o.scaleWindow < time.Second ||
+		(o.contender != "nftlb" && o.contender != "haproxy" && o.contender != "all") ||
+		(o.contender == "all" && (o.set["interval"] || o.set["timeout"]))
+	for _, p := range profs {
+		bad = bad || p.interval <= 0 || p.timeout <= 0 || p.timeout >= p.interval
+	}
+	if bad {
+		fmt.Fprintln(os.Stderr, "failover: want -runs >= 0 (0: only the 1,000 pools), 1 <= -rate <= 1000, 0 < -timeout < -interval, -scale-backend who|silent, -scale-window >= 1s, -contender nftlb|haproxy|all (all: no -interval/-timeout)")
 		os.Exit(2)
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
@@ -84,8 +153,14 @@ func run(ctx context.Context, o options) error {
 	if err != nil {
 		return err
 	}
-	if _, err := os.Stat(abs); err != nil {
+	profs := profilesOf(o)
+	if _, err := os.Stat(abs); err != nil && o.contender != "haproxy" {
 		return fmt.Errorf("%w (build it: go build -o bin/nftlb ./cmd/nftlb)", err)
+	}
+	if o.contender != "nftlb" {
+		if _, err := exec.LookPath("haproxy"); err != nil {
+			return fmt.Errorf("%w (bench/install.sh installs it)", err)
+		}
 	}
 	o.bin = abs
 	dir, err := os.MkdirTemp("", "nftlb-bench-")
@@ -98,31 +173,61 @@ func run(ctx context.Context, o options) error {
 	fmt.Printf("# nftlb failover benchmark\n\n")
 	fmt.Printf("- started %s on %s, %d CPUs, kernel %s, %s\n", start.Format(time.RFC3339), hostname(), runtime.NumCPU(), kernel(), runtime.Version())
 	fmt.Printf("- load average at start: %s\n", loadavg())
-	fmt.Printf("- flags: -runs %d -rate %d -interval %v -timeout %v (rise %d, fall %d) -scale-backend %s -scale-window %v\n\n",
-		o.runs, o.rate, o.interval, o.timeout, rise, fall, o.scaleBackend, o.scaleWindow)
+	if o.contender == "nftlb" {
+		fmt.Printf("- flags: -runs %d -rate %d -interval %v -timeout %v (rise %d, fall %d) -scale-backend %s -scale-window %v\n",
+			o.runs, o.rate, o.interval, o.timeout, rise, fall, o.scaleBackend, o.scaleWindow)
+	} else {
+		fmt.Printf("- flags: -contender %s -rate %d (runs and check timing per profile below; part 2 is not run)\n", o.contender, o.rate)
+	}
+	for _, p := range profs {
+		fmt.Printf("- part 1 profile %q: %s, interval %v, timeout %v, rise %d, fall %d, %d runs per fault\n", p.name, p.contender, p.interval, p.timeout, rise, fall, p.runs)
+	}
+	if o.contender != "nftlb" {
+		fmt.Printf("- %s\n", haproxyVersion())
+	}
+	fmt.Println()
 
-	var fo map[string][]runResult
-	if o.runs > 0 {
-		if fo, err = runFailover(ctx, o, dir); err != nil {
-			return err
+	fo := make([]map[string][]runResult, len(profs))
+	for i, p := range profs {
+		if p.runs == 0 {
+			continue
 		}
+		t := time.Now()
+		if fo[i], err = runFailover(ctx, o, p, dir); err != nil {
+			return fmt.Errorf("%s: %w", p.name, err)
+		}
+		progress("part 1 %s: %v", p.name, time.Since(t).Round(time.Second))
 	}
 	var sc *scaleResult
-	if !o.skip {
+	if !o.skip && o.contender == "nftlb" {
 		if sc, err = runScale(ctx, o, dir); err != nil {
 			return err
 		}
 	}
 
 	fmt.Printf("\n## Results\n\n")
-	if fo != nil {
-		printFailoverTable(o, fo)
+	for i, p := range profs {
+		if fo[i] != nil {
+			printFailoverTable(o, p, fo[i])
+		}
+	}
+	if len(profs) > 1 {
+		printComparison(o, profs, fo)
 	}
 	if sc != nil {
 		printScaleTable(sc)
 	}
 	fmt.Printf("\nload average at end: %s; total time %v\n", loadavg(), time.Since(start).Round(time.Second))
 	return nil
+}
+
+func haproxyVersion() string {
+	out, err := exec.Command("haproxy", "-v").Output()
+	if err != nil {
+		return "haproxy: " + err.Error()
+	}
+	line, _, _ := strings.Cut(string(out), "\n")
+	return strings.TrimSpace(line)
 }
 
 func hostname() string {

@@ -1,0 +1,211 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"net/netip"
+	"slices"
+	"time"
+
+	"github.com/google/nftables"
+
+	"github.com/nftlb/nftlb/internal/ruleset"
+	"github.com/nftlb/nftlb/internal/vip"
+)
+
+// changeResult: Apply of one pool's change while n pools exist.
+type changeResult struct {
+	n                        int
+	down, up, swap, swapBack []time.Duration // Apply, one sample per change
+	downCPU, upCPU, swapCPU  [2]time.Duration
+	desired                  []time.Duration // the daemon's desired state + Build of the whole table, per change
+	diff                     []time.Duration // ruleset.Diff alone (pure)
+	downPlan, swapPlan       string
+	cold                     time.Duration
+}
+
+// configOf is the same N-pool config the YAML describes, built in code.
+func configOf(n int) *vip.Config {
+	h := vip.Health{Type: vip.CheckNone, Interval: 2 * time.Second, Timeout: time.Second, Rise: 2, Fall: 3, ResetClients: true, OnAllDown: vip.AllDownReject}
+	cfg := &vip.Config{Table: "nftlb", Masquerade: true, Health: h}
+	for i := range n {
+		p := vip.Pool{Name: poolName(i), VIP: poolVIP(i), Port: vipPort, Protocol: vip.TCP, Scheduler: vip.RoundRobin, Health: h}
+		for _, a := range backendAddrs {
+			p.Backends = append(p.Backends, vip.Backend{Addr: netip.AddrPortFrom(netip.MustParseAddr(a), backendPort), Weight: 1})
+		}
+		cfg.Pools = append(cfg.Pools, p)
+	}
+	return cfg
+}
+
+// desired mirrors the daemon's desiredTable for backends that are up or
+// down (the ones in down): a per-backend state lookup by ID, then
+// FromConfig and Build of the whole table. The daemon does this on every
+// change.
+func desired(cfg *vip.Config, down map[string]bool) *ruleset.Table {
+	usable := map[string]bool{}
+	for i := range cfg.Pools {
+		p := &cfg.Pools[i]
+		for _, b := range p.Backends {
+			if id := p.ID(b); !down[id] {
+				usable[id] = true
+			}
+		}
+	}
+	return ruleset.Build(ruleset.FromConfig(cfg, func(p *vip.Pool, b vip.Backend) bool { return usable[p.ID(b)] }))
+}
+
+func runChange(ctx context.Context, o options, _ string) ([]changeResult, error) {
+	fmt.Printf("\n## 2. One backend's change\n\nA fresh namespace with N pools × 3 backends applied; then, %d times each, for pool k (spread over the table): `down` = k loses its first backend (map elements and, as the slot count changes, its rule), `up` = back to 3 (map + rule); `swap` = k's first backend replaced by 198.18.1.14 (accounted from the start, so only map elements change), `swap back`. Times are the Applier's `Apply` (diff, encoding, netlink round trip); the table is built before the clock starts.\n\n```\n", o.changes)
+	defer fmt.Println("```")
+	var out []changeResult
+	for _, n := range o.changePools {
+		r, err := oneChangeSeries(ctx, n, o.changes)
+		if err != nil {
+			return nil, fmt.Errorf("%d pools: %w", n, err)
+		}
+		out = append(out, r)
+		line := fmt.Sprintf("pools=%-5d cold=%s  down: median %s p99 %s max %s (cpu user %v sys %v) | up: median %s p99 %s | swap: median %s p99 %s max %s (cpu user %v sys %v) | swap back: median %s p99 %s | desired+Build %s, Diff %s | plans: down %s; swap %s",
+			n, ms(r.cold), ms(median(r.down)), ms(quantile(r.down, .99)), ms(slices.Max(r.down)), r.downCPU[0].Round(time.Millisecond), r.downCPU[1].Round(time.Millisecond),
+			ms(median(r.up)), ms(quantile(r.up, .99)),
+			ms(median(r.swap)), ms(quantile(r.swap, .99)), ms(slices.Max(r.swap)), r.swapCPU[0].Round(time.Millisecond), r.swapCPU[1].Round(time.Millisecond),
+			ms(median(r.swapBack)), ms(quantile(r.swapBack, .99)), ms(median(r.desired)), ms(median(r.diff)), r.downPlan, r.swapPlan)
+		fmt.Println(line)
+		progress("%s", line)
+	}
+	return out, nil
+}
+
+// changeTarget spreads the changed pools over the table.
+func changeTarget(i, n int) int { return (i*7919 + n/2) % n }
+
+func oneChangeSeries(ctx context.Context, n, changes int) (changeResult, error) {
+	r := changeResult{n: n}
+	progress("change: %d pools, %d changes of each kind", n, changes)
+	cfg := configOf(n)
+	ns, err := newScratch()
+	if err != nil {
+		return r, err
+	}
+	defer ns.del()
+	a := ruleset.NewApplier(nftables.WithNetNSFd(int(ns.fd)))
+	defer a.Close()
+	full := desired(cfg, nil)
+	res, err := a.Apply(full)
+	if err != nil {
+		return r, err
+	}
+	r.cold = res.Duration
+
+	apply := func(t *ruleset.Table, wantRule bool, into *[]time.Duration, cpu *[2]time.Duration) error {
+		u0, s0 := rusage()
+		st := time.Now()
+		res, err := a.Apply(t)
+		d := time.Since(st)
+		u1, s1 := rusage()
+		if err != nil {
+			return err
+		}
+		if len(res.Plan.Pools) != 1 || res.Plan.Full || !res.Plan.Pools[0].Slots || res.Plan.Pools[0].Rule != wantRule ||
+			len(res.Plan.AccountAdd)+len(res.Plan.AccountDel) != 0 {
+			return fmt.Errorf("unexpected plan: full=%v pools=%d account=%d/%d", res.Plan.Full, len(res.Plan.Pools), len(res.Plan.AccountAdd), len(res.Plan.AccountDel))
+		}
+		*into = append(*into, d)
+		cpu[0] += u1 - u0
+		cpu[1] += s1 - s0
+		return nil
+	}
+
+	for i := range changes {
+		if err := ctx.Err(); err != nil {
+			return r, err
+		}
+		k := changeTarget(i, n)
+		p := &cfg.Pools[k]
+		st := time.Now()
+		down := desired(cfg, map[string]bool{p.ID(p.Backends[0]): true})
+		r.desired = append(r.desired, time.Since(st))
+		st = time.Now()
+		plan := ruleset.Diff(full, down)
+		r.diff = append(r.diff, time.Since(st))
+		if i == 0 {
+			r.downPlan = planString(plan)
+		}
+		if err := apply(down, true, &r.down, &r.downCPU); err != nil {
+			return r, fmt.Errorf("down %d: %w", i, err)
+		}
+		if err := apply(full, true, &r.up, &r.upCPU); err != nil {
+			return r, fmt.Errorf("up %d: %w", i, err)
+		}
+	}
+
+	// Swap: b4 is accounted from the start, so a swap changes map elements only.
+	spec := ruleset.FromConfig(cfg, func(*vip.Pool, vip.Backend) bool { return true })
+	b4 := netip.MustParseAddrPort(fmt.Sprintf("198.18.1.14:%d", backendPort))
+	spec.Accounted = append(spec.Accounted, ruleset.Endpoint{Addr: b4, Protocol: vip.TCP})
+	base := ruleset.Build(spec)
+	if _, err := a.Apply(base); err != nil {
+		return r, err
+	}
+	var ignore [2]time.Duration
+	for i := range changes {
+		if err := ctx.Err(); err != nil {
+			return r, err
+		}
+		k := changeTarget(i, n)
+		s := spec
+		s.Pools = slices.Clone(spec.Pools)
+		s.Pools[k].Backends = slices.Clone(s.Pools[k].Backends)
+		s.Pools[k].Backends[0] = vip.Backend{Addr: b4, Weight: 1}
+		swapped := ruleset.Build(s)
+		if i == 0 {
+			r.swapPlan = planString(ruleset.Diff(base, swapped))
+		}
+		if err := apply(swapped, false, &r.swap, &r.swapCPU); err != nil {
+			return r, fmt.Errorf("swap %d: %w", i, err)
+		}
+		if err := apply(base, false, &r.swapBack, &ignore); err != nil {
+			return r, fmt.Errorf("swap back %d: %w", i, err)
+		}
+	}
+	return r, nil
+}
+
+func planString(p ruleset.Plan) string {
+	if p.Full {
+		return "full"
+	}
+	s := ""
+	for _, c := range p.Pools {
+		s += fmt.Sprintf("[%s slots=%v rule=%v dispatch=%v]", c.Name, c.Slots, c.Rule, c.Dispatch)
+	}
+	return s
+}
+
+func printChange(o options, rs []changeResult) {
+	fmt.Printf("\n### One backend's change (%d changes of each kind; Apply of a table differing in one pool)\n\n", o.changes)
+	fmt.Printf("| pools × 3 backends | change | median | p99 | max | CPU user + sys, all %d changes |\n|---|---|---|---|---|---|\n", o.changes)
+	for _, r := range rs {
+		rows := []struct {
+			name string
+			ds   []time.Duration
+			cpu  string
+		}{
+			{"backend down: map + rule", r.down, fmt.Sprintf("%v + %v", r.downCPU[0].Round(time.Millisecond), r.downCPU[1].Round(time.Millisecond))},
+			{"backend up: map + rule", r.up, fmt.Sprintf("%v + %v", r.upCPU[0].Round(time.Millisecond), r.upCPU[1].Round(time.Millisecond))},
+			{"backend swapped: map only", r.swap, fmt.Sprintf("%v + %v", r.swapCPU[0].Round(time.Millisecond), r.swapCPU[1].Round(time.Millisecond))},
+			{"swapped back: map only", r.swapBack, ""},
+		}
+		for _, row := range rows {
+			fmt.Printf("| %d | %s | %s | %s | %s | %s |\n", r.n, row.name, ms(median(row.ds)), ms(quantile(row.ds, .99)), ms(slices.Max(row.ds)), row.cpu)
+		}
+	}
+	fmt.Printf("\nNot in the Apply times, but paid by the daemon on every change before it: ")
+	for i, r := range rs {
+		if i > 0 {
+			fmt.Printf("; ")
+		}
+		fmt.Printf("at %d pools, the desired state + `Build` of the whole table %s (median); `Diff` of two such tables (pure, inside Apply) takes %s", r.n, ms(median(r.desired)), ms(median(r.diff)))
+	}
+	fmt.Printf(".\n")
+}
