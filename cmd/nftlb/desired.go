@@ -48,5 +48,7 @@ func desiredTable(cfg *vip.Config, stateOf func(id string) health.State, kernel 
 			}
 		}
 	}
-	return ruleset.Build(ruleset.FromConfig(cfg, func(p *vip.Pool, b vip.Backend) bool { return usable[p.ID(b)] }))
+	// BuildOn keeps the kernel's key ranges, so a health change is map
+	// elements only and a restart with the same config sends nothing.
+	return ruleset.BuildOn(ruleset.FromConfig(cfg, func(p *vip.Pool, b vip.Backend) bool { return usable[p.ID(b)] }), kernel)
 }

@@ -7,7 +7,6 @@ import (
 	"io"
 	"net/http"
 	"net/netip"
-	"slices"
 	"time"
 
 	"github.com/google/nftables"
@@ -63,23 +62,10 @@ func cmdDiff(args []string, stdout, stderr io.Writer) int {
 		return health.Up
 	}, prev)
 	if prev != nil {
-		prev = sameSchedulerForEmpty(prev, next)
+		prev = ruleset.Comparable(prev, next)
 	}
 	fmt.Fprint(stdout, ruleset.Diff(prev, next).Describe(prev, next))
 	return exitOK
-}
-
-// sameSchedulerForEmpty: the kernel keeps no scheduler for a pool without
-// slots, so such pools are compared like for like.
-func sameSchedulerForEmpty(prev, next *ruleset.Table) *ruleset.Table {
-	cp := *prev
-	cp.Pools = slices.Clone(prev.Pools)
-	for i := range cp.Pools {
-		if p := next.Pool(cp.Pools[i].Name); p != nil && len(cp.Pools[i].Slots) == 0 {
-			cp.Pools[i].Scheduler = p.Scheduler
-		}
-	}
-	return &cp
 }
 
 // runningHealth asks the daemon for its backends' states.

@@ -9,6 +9,7 @@ import (
 	"testing"
 
 	"github.com/nftlb/nftlb/internal/lab"
+	"github.com/nftlb/nftlb/internal/ruleset"
 )
 
 // The CLI's exit codes and messages, without root: usage errors are 2,
@@ -35,7 +36,7 @@ func TestCLI(t *testing.T) {
 		{[]string{"check", "-config", filepath.Join(dir, "missing.yaml")}, exitError, nil, []string{"no such file"}},
 		{[]string{"check", "-bogus"}, exitUsage, nil, []string{"flag provided but not defined: -bogus"}},
 		{[]string{"check", "-config", good, "extra"}, exitUsage, nil, []string{`unexpected argument "extra"`}},
-		{[]string{"render", "-config", good}, exitOK, []string{"table ip nftlb {", "numgen inc mod 2 map @pool-api"}, nil},
+		{[]string{"render", "-config", good}, exitOK, []string{"table ip nftlb {", "numgen inc mod 2 map @" + ruleset.SlotMap("api")}, nil},
 		{[]string{"render", "-h"}, exitOK, nil, []string{"usage: nftlb render -config FILE"}},
 		{[]string{"run", "-config", good, "-log-level", "loud"}, exitUsage, nil, []string{"-log-level"}},
 		{[]string{"version"}, exitOK, []string{"nftlb "}, nil},

@@ -233,15 +233,23 @@ func Same(read, applied *Table) bool {
 	if read == nil || applied == nil {
 		return read == applied
 	}
+	return Diff(Comparable(read, applied), applied).Empty()
+}
+
+// Comparable returns a copy of read (a Table from Read) that takes from
+// ref what the kernel does not keep (see adoptUnknowable), so that Diff
+// compares like for like. It is pure.
+func Comparable(read, ref *Table) *Table {
 	cp := *read
 	cp.Pools = slices.Clone(read.Pools)
-	adoptUnknowable(&cp, applied)
-	return Diff(&cp, applied).Empty()
+	adoptUnknowable(&cp, ref)
+	return &cp
 }
 
 // adoptUnknowable copies into read (a Table from Read) what the kernel
-// does not keep, from ref: the scheduler of a pool without slots (its rule
-// only rejects, so any scheduler programs the same kernel objects).
+// does not keep, from ref: the scheduler, size and base of a pool without
+// slots (its rule only rejects, so any of them programs the same kernel
+// objects).
 func adoptUnknowable(read, ref *Table) {
 	for i := range read.Pools {
 		p := &read.Pools[i]
@@ -249,7 +257,7 @@ func adoptUnknowable(read, ref *Table) {
 			continue
 		}
 		if q := ref.Pool(p.Name); q != nil && len(q.Slots) == 0 {
-			p.Scheduler = q.Scheduler
+			p.Scheduler, p.Size, p.Base = q.Scheduler, q.Size, q.Base
 		}
 	}
 }

@@ -10,7 +10,7 @@ var (
 	counterValues = regexp.MustCompile(`packets \d+ bytes \d+`)
 	mapTypeLine   = regexp.MustCompile(`^(type|typeof) .* : `)
 	// typeof names expressions where type names data types.
-	typeofData = strings.NewReplacer("ip daddr", "ipv4_addr", "tcp dport", "inet_service", "udp dport", "inet_service")
+	typeofData = strings.NewReplacer("ip daddr", "ipv4_addr", "tcp dport", "inet_service", "udp dport", "inet_service", "th dport", "inet_service")
 )
 
 // Canonical reduces an nft table listing (or Text's output) to a form in

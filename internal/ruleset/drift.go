@@ -123,6 +123,21 @@ func summarise(p Plan) []string {
 			out = append(out, "pool "+c.Name+": "+strings.Join(what, ", "))
 		}
 	}
+	// Map elements that no changed pool explains: keys no pool reaches.
+	explained := map[string]bool{}
+	for _, c := range p.Pools {
+		if c.Old != nil {
+			explained[c.Old.Map] = true
+		}
+		if c.New != nil {
+			explained[c.New.Map] = true
+		}
+	}
+	for _, m := range p.Maps {
+		if !explained[m.Name] && len(out) < maxDriftLines {
+			out = append(out, fmt.Sprintf("map %s: %d elements no pool uses", m.Name, len(m.Del)))
+		}
+	}
 	if n := len(p.AccountAdd); n > 0 {
 		out = append(out, fmt.Sprintf("accounting: %d backends missing (%s first)", n, p.AccountAdd[0]))
 	}

@@ -267,7 +267,7 @@ func TestCheckRepairsOnlyTheDamagedPool(t *testing.T) {
 	if _, err := a.Apply(tbl); err != nil {
 		t.Fatal(err)
 	}
-	ns.nft("delete", "element", "ip", "nftlb", "pool-kube-apiserver", "{ 0 }")
+	ns.nft("delete", "element", "ip", "nftlb", SlotMap("kube-apiserver"), "{ 0 }")
 	waitSignal(t, ch, "delete element")
 	d, err := a.Check()
 	if err != nil {
@@ -286,6 +286,9 @@ func TestCheckRepairsOnlyTheDamagedPool(t *testing.T) {
 	}
 	if c := p.Pools[0]; c.Name != "kube-apiserver" || !c.Slots || c.Rule || c.Dispatch {
 		t.Errorf("repair %+v; want the map of kube-apiserver only", c)
+	}
+	if len(p.Maps) != 1 || len(p.Maps[0].Del) != 0 || len(p.Maps[0].Add) != 1 || p.Maps[0].Add[0].Key != 0 {
+		t.Errorf("repair %+v; want element 0 added back, nothing else", p.Maps)
 	}
 	assertKernelMatches(t, ns, tbl)
 	if d, err := a.Check(); err != nil || d.Drifted() {

@@ -31,8 +31,8 @@ func (p Plan) Describe(prev, next *Table) string {
 		case c.Old == nil:
 			fmt.Fprintf(&b, "+ pool %s %s\n", c.Name, c.New.key())
 			fmt.Fprintf(&b, "+   chain %s: %s\n", c.New.Chain(), c.New.ruleText())
-			for _, e := range c.New.mapElements() {
-				fmt.Fprintf(&b, "+   map %s: %s\n", c.New.Map(), e)
+			if len(c.New.Slots) > 0 {
+				fmt.Fprintf(&b, "+   slots %s\n", strings.Join(c.New.slotsText(), ", "))
 			}
 		default:
 			fmt.Fprintf(&b, "~ pool %s %s\n", c.Name, c.New.key())
@@ -45,8 +45,19 @@ func (p Plan) Describe(prev, next *Table) string {
 				fmt.Fprintf(&b, "+   chain %s: %s\n", c.New.Chain(), c.New.ruleText())
 			}
 			if c.Slots {
-				writeLineDiff(&b, "map "+c.New.Map(), c.Old.mapElements(), c.New.mapElements())
+				writeLineDiff(&b, "slot", c.Old.slotsText(), c.New.slotsText())
 			}
+		}
+	}
+	for _, m := range p.Maps {
+		switch {
+		case m.Create:
+			fmt.Fprintf(&b, "+ map %s\n", m.Name)
+		case m.Delete:
+			fmt.Fprintf(&b, "- map %s\n", m.Name)
+		}
+		if len(m.Del)+len(m.Add) > 0 {
+			fmt.Fprintf(&b, "~ map %s: %d elements deleted, %d added\n", m.Name, len(m.Del), len(m.Add))
 		}
 	}
 	if p.Masquerade {
@@ -62,6 +73,15 @@ func (p Plan) Describe(prev, next *Table) string {
 }
 
 func (p *Pool) key() string { return fmt.Sprintf("%s:%d/%s", p.VIP, p.Port, p.Protocol) }
+
+// slotsText is the pool's slots as "N -> backend" lines.
+func (p *Pool) slotsText() []string {
+	out := make([]string, len(p.Slots))
+	for i, s := range p.Slots {
+		out[i] = fmt.Sprintf("%d -> %s", i, s)
+	}
+	return out
+}
 
 // writeLineDiff prints the slots that differ, position by position.
 func writeLineDiff(b *strings.Builder, what string, old, new []string) {

@@ -46,23 +46,23 @@ var (
 // else is an error wrapping ErrUnrecognized that says what differs first; a
 // missing table is ErrNoTable; a netlink failure is returned as is.
 //
-// A pool map whose elements do not fit its rule (keys other than 0..n-1
-// for numgen/jhash mod n, or elements in a rejecting pool's map) is data
-// damage that rewriting the map repairs, so it is not an error: slot i is
-// element i, a missing or malformed element reads as the invalid
-// netip.AddrPort{}, and elements beyond the modulus add one more invalid
-// slot. Build never makes invalid slots, so such a Table differs from every
-// Build result and Diff rewrites that pool's map (and rule).
+// Slot-map elements that do not fit the rules (keys no pool's range
+// covers, malformed data, missing keys) are data damage that rewriting
+// elements repairs, so they are not an error: a pool's slot i is key
+// base+i, a missing or malformed element reads as the invalid
+// netip.AddrPort{}, and keys nothing reaches (or malformed) are listed in
+// Stray. Build never makes either, so such a Table differs from every
+// Build result and Diff repairs exactly those elements.
 //
 // Normalisation, so that the result is reflect.DeepEqual to Build's: Pools
 // and Accounted are nil when empty (as Build makes them from FromConfig's
 // specs), a pool's Slots are never nil, pools and accounted endpoints are
-// sorted as Build sorts them. The kernel keeps no scheduler for a pool
-// without slots (its rule only rejects): Read reports vip.RoundRobin, and
-// Apply and Check take that pool's scheduler from the table they compare
-// with (adoptUnknowable).
+// sorted as Build sorts them. The kernel keeps no scheduler, size or base
+// for a pool without slots (its rule only rejects): Read reports
+// vip.RoundRobin, 0, 0 and the map Build would pick, and Apply and Check
+// take those from the table they compare with (adoptUnknowable).
 func Read(c *nftables.Conn, name string) (*Table, error) {
-	r := &reader{c: c, name: name, rules: map[string][]*nftables.Rule{}, modulus: map[string]int{}}
+	r := &reader{c: c, name: name, rules: map[string][]*nftables.Rule{}, slots: map[string]map[uint32]netip.AddrPort{}}
 	return r.read()
 }
 
@@ -74,8 +74,7 @@ type reader struct {
 	sets   map[string]*nftables.Set
 	objs   map[string]*nftables.NamedObj
 	rules  map[string][]*nftables.Rule
-	// modulus is each pool rule's numgen/jhash modulus (0: reject).
-	modulus map[string]int
+	slots  map[string]map[uint32]netip.AddrPort // slot maps' elements, read once
 }
 
 func (r *reader) bad(format string, args ...any) error {
@@ -147,6 +146,9 @@ func (r *reader) read() (*Table, error) {
 	}
 	t := &Table{Name: r.name}
 	if t.Pools, err = r.readPools(); err != nil {
+		return nil, err
+	}
+	if t.Stray, err = r.stray(t.Pools); err != nil {
 		return nil, err
 	}
 	post, err := r.chainRules(chainPost)
@@ -279,9 +281,6 @@ func (r *reader) readPool(p *Pool) error {
 	if r.chains[p.Chain()] == nil {
 		return r.bad("chain %s: missing", p.Chain())
 	}
-	if r.sets[p.Map()] == nil {
-		return r.bad("map %s: missing", p.Map())
-	}
 	if r.objs[p.Counter()] == nil {
 		return r.bad("counter %s: missing", p.Counter())
 	}
@@ -292,20 +291,26 @@ func (r *reader) readPool(p *Pool) error {
 	if len(rules) != 1 {
 		return r.bad("chain %s: rule count %d, want 1", p.Chain(), len(rules))
 	}
-	// The scheduler and the modulus come from the rule; the rest of it is
-	// compared with poolRule's in verifyLayout.
+	// The scheduler, modulus, offset and map come from the rule; the rest
+	// of it is compared with poolRule's in verifyLayout.
 	p.Scheduler = vip.RoundRobin
-	selector, modulus := "", uint32(0)
+	p.Map = SlotMap(p.Name) // a rejecting rule names no map: the one Build picks
+	p.Slots = []netip.AddrPort{}
+	selector, modulus, offset := "", uint32(0), uint32(0)
 	for _, e := range rules[0].Exprs {
 		switch e := e.(type) {
 		case *expr.Numgen:
-			selector, modulus = "numgen", e.Modulus
+			selector, modulus, offset = "numgen", e.Modulus, e.Offset
 			if e.Type == unix.NFT_NG_RANDOM {
 				p.Scheduler = vip.Random
 			}
 		case *expr.Hash:
-			selector, modulus = "jhash", e.Modulus
+			selector, modulus, offset = "jhash", e.Modulus, e.Offset
 			p.Scheduler = vip.SourceHash
+		case *expr.Lookup:
+			if e.IsDestRegSet && e.DestRegister == 1 {
+				p.Map = e.SetName
+			}
 		case *expr.Reject:
 			selector = "reject"
 		}
@@ -313,41 +318,87 @@ func (r *reader) readPool(p *Pool) error {
 	switch {
 	case selector == "":
 		return r.bad("chain %s: rule has no numgen, jhash or reject", p.Chain())
-	case selector != "reject" && (modulus == 0 || modulus > maxSlots):
-		return r.bad("chain %s: %s modulus %d", p.Chain(), selector, modulus)
+	case selector == "reject":
+		return nil
+	case modulus == 0 || modulus > maxSlots || uint64(offset)+uint64(modulus) > 1<<32:
+		return r.bad("chain %s: %s mod %d offset %d", p.Chain(), selector, modulus, offset)
 	}
-	r.modulus[p.Name] = int(modulus)
-	els, err := r.elements(p.Map())
+	els, err := r.slotElements(p.Map)
 	if err != nil {
 		return err
 	}
-	// Slot i is element i. Elements that do not fit the rule are data
-	// damage, repaired by rewriting this pool's map: they read as the
-	// invalid netip.AddrPort{}, which Build never makes, in place of a
-	// missing or malformed element, plus one more for elements beyond the
-	// modulus (which nothing reaches).
+	// Slot i is key offset+i. A missing or malformed element reads as the
+	// invalid netip.AddrPort{}, which Build never makes: Diff then adds
+	// the element (after deleting the malformed one, listed in Stray).
+	p.Size, p.Base = int(modulus), offset
 	p.Slots = make([]netip.AddrPort, modulus)
-	beyond := false
-	for _, el := range els {
-		if len(el.Key) != 4 || len(el.Val) != 8 {
-			return r.bad("map %s: element of %d+%d bytes, want 4+8", p.Map(), len(el.Key), len(el.Val))
-		}
-		i := binaryutil.NativeEndian.Uint32(el.Key)
-		switch {
-		case i >= modulus:
-			beyond = true
-		case el.Val[6] == 0 && el.Val[7] == 0:
-			p.Slots[i] = netip.AddrPortFrom(netip.AddrFrom4([4]byte(el.Val[0:4])), binary.BigEndian.Uint16(el.Val[4:6]))
-		}
-	}
-	if beyond {
-		p.Slots = append(p.Slots, netip.AddrPort{})
+	for i := range p.Slots {
+		p.Slots[i] = els[offset+uint32(i)]
 	}
 	return nil
 }
 
+// slotElements reads slot map name once: key -> target, where a
+// malformed element (nonzero padding) maps to the invalid AddrPort{}.
+func (r *reader) slotElements(name string) (map[uint32]netip.AddrPort, error) {
+	if m, ok := r.slots[name]; ok {
+		return m, nil
+	}
+	if r.sets[name] == nil || !strings.HasPrefix(name, "slots-") {
+		return nil, r.bad("map %s: missing", name)
+	}
+	els, err := r.elements(name)
+	if err != nil {
+		return nil, err
+	}
+	m := make(map[uint32]netip.AddrPort, len(els))
+	for _, el := range els {
+		if len(el.Key) != 4 || len(el.Val) != 8 {
+			return nil, r.bad("map %s: element of %d+%d bytes, want 4+8", name, len(el.Key), len(el.Val))
+		}
+		var target netip.AddrPort
+		if el.Val[6] == 0 && el.Val[7] == 0 {
+			target = netip.AddrPortFrom(netip.AddrFrom4([4]byte(el.Val[0:4])), binary.BigEndian.Uint16(el.Val[4:6]))
+		}
+		m[binaryutil.NativeEndian.Uint32(el.Key)] = target
+	}
+	r.slots[name] = m
+	return m, nil
+}
+
 // maxSlots bounds the modulus Read accepts (it allocates one slot each).
 const maxSlots = 1 << 20
+
+// stray lists the slot-map elements that no pool reaches, and the
+// malformed ones: data damage that Diff repairs by deleting them.
+func (r *reader) stray(pools []Pool) ([]SlotKey, error) {
+	covered := map[SlotKey]bool{}
+	for i := range pools {
+		p := &pools[i]
+		for k := range p.Slots {
+			covered[SlotKey{p.Map, p.Base + uint32(k)}] = true
+		}
+	}
+	var out []SlotKey
+	for _, name := range keys(r.sets) {
+		if !strings.HasPrefix(name, "slots-") {
+			continue
+		}
+		els, err := r.slotElements(name)
+		if err != nil {
+			return nil, err
+		}
+		for k, v := range els {
+			if key := (SlotKey{name, k}); !covered[key] || !v.IsValid() {
+				out = append(out, key)
+			}
+		}
+	}
+	slices.SortFunc(out, func(a, b SlotKey) int {
+		return cmp.Or(strings.Compare(a.Map, b.Map), cmp.Compare(a.Key, b.Key))
+	})
+	return out, nil
+}
 
 // readAccounting reads backends-conn and checks that -tx and -rx hold the
 // same elements, each with a counter.
@@ -479,13 +530,7 @@ func (l *layout) DeleteObject(nftables.Obj)          {}
 // what queueFull creates for t. The elements were checked while t was
 // reconstructed from them.
 func (r *reader) verifyLayout(t *Table) error {
-	// A pool's rule depends on its number of slots, which for a damaged
-	// map is not the modulus: render each with the modulus read.
 	shape := *t
-	shape.Pools = slices.Clone(t.Pools)
-	for i := range shape.Pools {
-		shape.Pools[i].Slots = make([]netip.AddrPort, r.modulus[shape.Pools[i].Name])
-	}
 	want := &layout{rules: map[string][]*nftables.Rule{}}
 	if err := queueFull(want, &shape); err != nil {
 		return r.bad("cannot render: %v", err)

@@ -81,6 +81,7 @@ func TestReadRoundTrips(t *testing.T) {
 // Damage done by hand yields ErrUnrecognized or a Table that differs from
 // the applied one; never a panic and never the applied Table.
 func TestReadDetectsDamage(t *testing.T) {
+	ka, np := SlotMap("kube-apiserver"), SlotMap("nodeport-http")
 	damage := []struct {
 		name string
 		nft  string // nft -f input
@@ -88,11 +89,14 @@ func TestReadDetectsDamage(t *testing.T) {
 		// empty: Read may instead succeed with a different Table.
 		unrecognized string
 	}{
-		{"map element deleted", "delete element ip nftlb pool-kube-apiserver { 0 }", ""},
-		{"last map element deleted", "delete element ip nftlb pool-kube-apiserver { 2 }", ""},
-		{"map element added", "add element ip nftlb pool-nodeport-http { 2 : 198.18.1.13 . 30080 }", ""},
-		{"modulus changed", "flush chain ip nftlb pool-kube-apiserver\nadd rule ip nftlb pool-kube-apiserver meta mark set meta mark | 0x00100000 ct mark set ct mark | 0x00100000 counter name \"pool-kube-apiserver\" meta l4proto tcp dnat ip to numgen inc mod 4 map @pool-kube-apiserver", ""},
-		{"map element changed", "delete element ip nftlb pool-kube-apiserver { 1 }\nadd element ip nftlb pool-kube-apiserver { 1 : 198.18.1.99 . 6443 }", ""},
+		{"map element deleted", "delete element ip nftlb " + ka + " { 0 }", ""},
+		{"last map element deleted", "delete element ip nftlb " + ka + " { 5 }", ""},
+		{"map element added past a pool", "add element ip nftlb " + np + " { 2 : 198.18.1.13 . 30080 }", ""},
+		{"map element far from any pool", "add element ip nftlb " + ka + " { 100000 : 198.18.1.13 . 6443 }", ""},
+		{"modulus changed", "flush chain ip nftlb pool-kube-apiserver\nadd rule ip nftlb pool-kube-apiserver meta mark set meta mark | 0x00100000 ct mark set ct mark | 0x00100000 counter name \"pool-kube-apiserver\" meta l4proto tcp dnat ip to numgen inc mod 4 map @" + ka, ""},
+		{"offset changed", "flush chain ip nftlb pool-kube-apiserver\nadd rule ip nftlb pool-kube-apiserver meta mark set meta mark | 0x00100000 ct mark set ct mark | 0x00100000 counter name \"pool-kube-apiserver\" meta l4proto tcp dnat ip to numgen inc mod 6 offset 6 map @" + ka, ""},
+		{"rule reads another pool's map", "flush chain ip nftlb pool-kube-apiserver\nadd rule ip nftlb pool-kube-apiserver meta mark set meta mark | 0x00100000 ct mark set ct mark | 0x00100000 counter name \"pool-kube-apiserver\" meta l4proto tcp dnat ip to numgen inc mod 6 map @" + np, "set " + ka + ": unexpected"},
+		{"map element changed", "delete element ip nftlb " + ka + " { 1 }\nadd element ip nftlb " + ka + " { 1 : 198.18.1.99 . 6443 }", ""},
 		{"pool chain flushed", "flush chain ip nftlb pool-kube-apiserver", "chain pool-kube-apiserver: rule count 0, want 1"},
 		{"rule added to pool chain", "add rule ip nftlb pool-nodeport-http counter", "chain pool-nodeport-http: rule count 2, want 1"},
 		{"forward chain deleted", "flush chain ip nftlb forward\ndelete chain ip nftlb forward", "chain forward: missing"},

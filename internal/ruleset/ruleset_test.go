@@ -96,39 +96,121 @@ func TestBuildIsDeterministicAndSorted(t *testing.T) {
 	}
 }
 
-func TestSlots(t *testing.T) {
+func TestSlotCount(t *testing.T) {
+	eq := func(n int) []vip.Backend {
+		var bs []vip.Backend
+		for i := range n {
+			bs = append(bs, be(fmt.Sprintf("198.18.1.%d:1", i+1), 1))
+		}
+		return bs
+	}
 	a, b, c := "198.18.1.1:1", "198.18.1.2:1", "198.18.1.3:1"
 	tests := []struct {
+		name string
 		in   []vip.Backend
-		want []string
+		want int
 	}{
-		{nil, []string{}},
-		{[]vip.Backend{be(a, 1)}, []string{a}},
-		{[]vip.Backend{be(a, 1), be(b, 1), be(c, 1)}, []string{a, b, c}},
-		{[]vip.Backend{be(a, 1), be(b, 2)}, []string{b, a, b}},
-		{[]vip.Backend{be(a, 5), be(b, 1), be(c, 1)}, []string{a, a, b, a, c, a, a}},
+		{"none", nil, 0},
+		{"one", eq(1), 1},
+		{"two", eq(2), 2},
+		{"three: 1/3 each, or 1/2 of two", eq(3), 6},
+		{"four", eq(4), 12},
+		{"five", eq(5), 60},
+		{"six", eq(6), 60},
+		{"seven: lcm 420 too many, a multiple of 7 near 60", eq(7), 63},
+		{"weights 2,1", []vip.Backend{be(a, 2), be(b, 1)}, 6},
+		{"weights reduced by their gcd", []vip.Backend{be(a, 2), be(b, 2), be(c, 2)}, 6},
+		{"weights 5,1,1", []vip.Backend{be(a, 5), be(b, 1), be(c, 1)}, 42},
+		{"weights 3,7,100: their sum", []vip.Backend{be(a, 3), be(b, 7), be(c, 100)}, 110},
 	}
 	for _, tt := range tests {
+		if got := slotCount(tt.in); got != tt.want {
+			t.Errorf("%s: slotCount = %d, want %d", tt.name, got, tt.want)
+		}
+	}
+}
+
+func TestAssignSlots(t *testing.T) {
+	a, b, c := "198.18.1.1:1", "198.18.1.2:1", "198.18.1.3:1"
+	abc := []vip.Backend{be(a, 1), be(b, 1), be(c, 1)}
+	tests := []struct {
+		name   string
+		conf   []vip.Backend
+		usable []vip.Backend
+		want   []string
+		sticky bool
+	}{
+		{"source-hash, all usable", abc, abc, []string{a, b, c, a, b, c}, true},
+		{"source-hash, b down: only b's slots move, one to a, one to c", abc, []vip.Backend{abc[0], abc[2]}, []string{a, a, c, a, c, c}, true},
+		{"all usable: round-robin", abc, abc, []string{a, b, c, a, b, c}, false},
+		{"b down: a and c alternate", abc, []vip.Backend{abc[0], abc[2]}, []string{a, c, a, c, a, c}, false},
+		{"only c", abc, abc[2:], []string{c, c, c, c, c, c}, false},
+		{"none usable", abc, nil, []string{}, false},
+		{"weights interleave", []vip.Backend{be(a, 2), be(b, 1)}, []vip.Backend{be(a, 2), be(b, 1)}, []string{a, b, a, a, b, a}, false},
+		{"weights 5,1,1", []vip.Backend{be(a, 5), be(b, 1), be(c, 1)}, []vip.Backend{be(a, 5), be(b, 1), be(c, 1)},
+			[]string{a, a, b, a, c, a, a}, false},
+	}
+	for _, tt := range tests {
+		size := slotCount(tt.conf)
+		if tt.name == "weights 5,1,1" {
+			size = 7 // the smallest layout shows the interleaving
+		}
 		var got []string
-		for _, s := range slots(tt.in) {
+		for _, s := range assignSlots(tt.conf, tt.usable, size, tt.sticky) {
 			got = append(got, s.String())
 		}
 		if got == nil {
 			got = []string{}
 		}
 		if !slices.Equal(got, tt.want) {
-			t.Errorf("slots(%v) = %v, want %v", tt.in, got, tt.want)
+			t.Errorf("%s: %v, want %v", tt.name, got, tt.want)
 		}
 	}
-	// Shares are exact whatever the weights: each backend gets weight slots.
-	bs := []vip.Backend{be(a, 3), be(b, 7), be(c, 100)}
-	count := map[string]int{}
-	for _, s := range slots(bs) {
-		count[s.String()]++
-	}
-	for _, x := range bs {
-		if count[x.Addr.String()] != x.Weight {
-			t.Errorf("%s has %d slots, want %d", x.Addr, count[x.Addr.String()], x.Weight)
+}
+
+// TestAssignSlotsShares checks, for every subset of usable backends of
+// several weightings, that each usable backend gets its exact share (up
+// to one slot), and with source-hash keeps every slot it has when all are
+// usable.
+func TestAssignSlotsShares(t *testing.T) {
+	for _, weights := range [][]int{{1, 1, 1}, {1, 2}, {5, 1, 1}, {1, 1, 1, 1, 1}, {3, 7, 100}, {1, 1, 1, 1, 1, 1, 1}, {100, 1}} {
+		var conf []vip.Backend
+		for i, w := range weights {
+			conf = append(conf, be(fmt.Sprintf("198.18.1.%d:1", i+1), w))
+		}
+		size := slotCount(conf)
+		full := assignSlots(conf, conf, size, true)
+		for mask := 1; mask < 1<<len(conf); mask++ {
+			for _, sticky := range []bool{false, true} {
+				var usable []vip.Backend
+				wsum := 0
+				for i, bk := range conf {
+					if mask&(1<<i) != 0 {
+						usable = append(usable, bk)
+						wsum += bk.Weight
+					}
+				}
+				got := assignSlots(conf, usable, size, sticky)
+				if len(got) != size {
+					t.Fatalf("weights %v mask %b: %d slots, want %d", weights, mask, len(got), size)
+				}
+				count := map[netip.AddrPort]int{}
+				for i, s := range got {
+					count[s]++
+					if sticky && full[i] != s && slices.ContainsFunc(usable, func(u vip.Backend) bool { return u.Addr == full[i] }) {
+						t.Errorf("weights %v mask %b: slot %d moved from usable %s to %s", weights, mask, i, full[i], s)
+					}
+				}
+				for _, u := range usable {
+					exact := float64(size*u.Weight) / float64(wsum)
+					if d := float64(count[u.Addr]) - exact; d <= -1 || d >= 1 {
+						t.Errorf("weights %v mask %b: %s has %d slots, want %.2f", weights, mask, u.Addr, count[u.Addr], exact)
+					}
+				}
+				if len(count) != len(usable) {
+					t.Errorf("weights %v mask %b: slots go to %d backends, want %d", weights, mask, len(count), len(usable))
+				}
+			}
 		}
 	}
 }
@@ -162,9 +244,15 @@ func TestDiff(t *testing.T) {
 		{name: "no change", prev: prev, next: with(func(*Spec) {})},
 		{name: "table renamed", prev: prev, next: with(func(s *Spec) { s.Table = "other" }), full: true},
 		{name: "masquerade off", prev: prev, next: with(func(s *Spec) { s.Masquerade = false }), masq: true},
-		{name: "backend down: map and rule of one pool", prev: prev,
+		{name: "backend removed from the config: map and rule of one pool", prev: prev,
 			next: with(func(s *Spec) { s.Pools[0].Backends = s.Pools[0].Backends[:2] }),
 			want: []change{{name: "kube-apiserver", slots: true, rule: true}}},
+		{name: "backend unhealthy: map elements only, the rule and numgen's position stay", prev: prev,
+			next: with(func(s *Spec) {
+				s.Pools[0].Configured = s.Pools[0].Backends
+				s.Pools[0].Backends = s.Pools[0].Backends[:2]
+			}),
+			want: []change{{name: "kube-apiserver", slots: true}}},
 		{name: "backend replaced, same count: map only, numgen keeps its position", prev: prev,
 			next: with(func(s *Spec) { s.Pools[0].Backends[2] = be("198.18.1.14:6443", 1) }),
 			want: []change{{name: "kube-apiserver", slots: true}}},
@@ -253,37 +341,51 @@ func TestQueueShapes(t *testing.T) {
 	prev := Build(big)
 	down := big
 	down.Pools = slices.Clone(big.Pools)
+	down.Pools[500].Configured = down.Pools[500].Backends
 	down.Pools[500].Backends = down.Pools[500].Backends[1:]
-	up := Build(down)
+	removed := big
+	removed.Pools = slices.Clone(big.Pools)
+	removed.Pools[500].Backends = removed.Pools[500].Backends[1:]
+	allDown := big
+	allDown.Pools = slices.Clone(big.Pools)
+	allDown.Pools[9].Configured = allDown.Pools[9].Backends
+	allDown.Pools[9].Backends = nil
 	swapped := big
 	swapped.Pools = slices.Clone(big.Pools)
 	swapped.Pools[7].Backends = []vip.Backend{be("198.18.1.14:443", 1), be("198.18.1.12:443", 1), be("198.18.1.13:443", 1)}
 	renamed := big
 	renamed.Pools = slices.Clone(big.Pools)
 	renamed.Pools[3].Name = "renamed"
-	empty := big
-	empty.Pools = slices.Clone(big.Pools)
-	empty.Pools[9].Backends = nil
 
 	tests := []struct {
 		name       string
 		prev, next *Table
 		want       []string
 	}{
-		{"backend down in one of 1,000 pools touches that pool only", prev, up,
-			[]string{"flush-set pool-p00500", "add-elements pool-p00500/2", "flush-chain pool-p00500", "add-rule pool-p00500"}},
-		{"backend swapped: map elements only", prev, Build(swapped),
-			[]string{"flush-set pool-p00007", "add-elements pool-p00007/3"}},
-		{"pool loses every backend: empty map, reject rule", prev, Build(empty),
-			[]string{"flush-set pool-p00009", "flush-chain pool-p00009", "add-rule pool-p00009"}},
-		{"pool renamed: dispatch moves within the same transaction", prev, Build(renamed),
+		{"backend down in one of 1,000 pools: slot elements of that pool, nothing else", prev, BuildOn(down, prev),
+			// a b c a b c -> b c b c b c: 4 of the 6 slots change.
+			[]string{"del-elements " + SlotMap("p00500") + "/4", "add-elements " + SlotMap("p00500") + "/4"}},
+		{"backend removed from the config: fewer slots, so the rule changes too", prev, BuildOn(removed, prev),
+			[]string{"flush-chain pool-p00500", "del-elements " + SlotMap("p00500") + "/6", "add-elements " + SlotMap("p00500") + "/2",
+				"add-rule pool-p00500"}},
+		{"backend swapped: map elements only", prev, BuildOn(swapped, prev),
+			[]string{"del-elements " + SlotMap("p00007") + "/2", "add-elements " + SlotMap("p00007") + "/2"}},
+		{"pool loses every backend: elements go, reject rule", prev, BuildOn(allDown, prev),
+			[]string{"flush-chain pool-p00009", "del-elements " + SlotMap("p00009") + "/6", "add-rule pool-p00009"}},
+		{"pool renamed: dispatch moves within the same transaction", prev, BuildOn(renamed, prev),
 			[]string{"del-elements services/1",
-				"flush-chain pool-p00003", "del-chain pool-p00003", "del-set pool-p00003", "del-counter pool-p00003",
-				"add-counter pool-renamed", "add-set pool-renamed/0", "add-elements pool-renamed/3", "add-chain pool-renamed", "add-rule pool-renamed",
+				"flush-chain pool-p00003", "del-chain pool-p00003", "del-counter pool-p00003",
+				// Both maps hold other pools; maps are visited in name order.
+				"add-elements " + SlotMap("renamed") + "/6", "del-elements " + SlotMap("p00003") + "/6",
+				"add-counter pool-renamed", "add-chain pool-renamed", "add-rule pool-renamed",
 				"add-elements services/1"}},
 		{"first apply replaces the table atomically", nil, Build(manyPools(1)),
 			[]string{"add-table nftlb", "del-table nftlb", "add-table nftlb",
-				"add-counter pool-p00000", "add-set pool-p00000/0", "add-elements pool-p00000/3", "add-chain pool-p00000", "add-rule pool-p00000",
+				// Elements after the rules: a rule binding a map walks its
+				// elements, and 10,000 such walks cost 12% of a cold apply.
+				"add-set " + SlotMap("p00000") + "/0",
+				"add-counter pool-p00000", "add-chain pool-p00000", "add-rule pool-p00000",
+				"add-elements " + SlotMap("p00000") + "/6",
 				"add-set services/0", "add-elements services/1", "add-chain prerouting", "add-chain output", "add-chain postrouting", "add-chain nudge",
 				"add-rule prerouting", "add-rule output", "add-rule postrouting", "add-rule nudge",
 				"add-set backends-conn/0", "add-elements backends-conn/3", "add-set backends-tx/0", "add-elements backends-tx/3",
@@ -380,14 +482,17 @@ func TestPlanDescribe(t *testing.T) {
 	next.Pools[1].Name = "np"
 	nt := Build(next)
 	got := Diff(prev, nt).Describe(prev, nt)
+	ka := SlotMap("kube-apiserver")
 	for _, want := range []string{
 		"~ pool kube-apiserver 198.18.100.1:6443/tcp",
-		"-   chain pool-kube-apiserver: meta mark set meta mark | 0x00100000 ct mark set ct mark | 0x00100000 counter name \"pool-kube-apiserver\" meta l4proto tcp dnat ip to numgen inc mod 3 map @pool-kube-apiserver",
-		"+   chain pool-kube-apiserver: meta mark set meta mark | 0x00100000 ct mark set ct mark | 0x00100000 counter name \"pool-kube-apiserver\" meta l4proto tcp dnat ip to numgen inc mod 2 map @pool-kube-apiserver",
-		"-   map pool-kube-apiserver: 2 : 198.18.1.13 . 6443",
+		"-   chain pool-kube-apiserver: meta mark set meta mark | 0x00100000 ct mark set ct mark | 0x00100000 counter name \"pool-kube-apiserver\" meta l4proto tcp dnat ip to numgen inc mod 6 map @" + ka,
+		"+   chain pool-kube-apiserver: meta mark set meta mark | 0x00100000 ct mark set ct mark | 0x00100000 counter name \"pool-kube-apiserver\" meta l4proto tcp dnat ip to numgen inc mod 2 map @" + ka,
+		"-   slot: 2 -> 198.18.1.13:6443",
 		"- pool nodeport-http 198.18.100.2:80/tcp",
 		"+ pool np 198.18.100.2:80/tcp",
-		"+   map pool-np: 0 : 198.18.1.11 . 30080",
+		"+   slots 0 -> 198.18.1.11:30080, 1 -> 198.18.1.12:30080",
+		"~ map " + ka + ": 4 elements deleted, 0 added",
+		"+ map " + SlotMap("np"),
 	} {
 		if !strings.Contains(got, want) {
 			t.Errorf("Describe lacks %q:\n%s", want, got)

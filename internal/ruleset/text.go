@@ -10,7 +10,7 @@ import (
 // Text renders the table as nft syntax in the layout `nft list table`
 // prints, so `nft -c -f -` accepts it and an operator can diff it against
 // the kernel. It describes exactly the objects Applier programs; the only
-// liberty is the pool maps' `typeof` line, which nft needs to parse the
+// liberty is the slot maps' `typeof` line, which nft needs to parse the
 // file but which netlink-made maps do not carry (they list as type integer).
 func (t *Table) Text() string {
 	var b strings.Builder
@@ -18,9 +18,9 @@ func (t *Table) Text() string {
 	for _, p := range t.Pools {
 		fmt.Fprintf(&b, "\tcounter %s {\n\t\tpackets 0 bytes 0\n\t}\n\n", p.Counter())
 	}
-	for _, p := range t.Pools {
-		fmt.Fprintf(&b, "\tmap %s {\n\t\ttypeof %s : ip daddr . %s dport\n", p.Map(), p.selectorText(), p.Protocol)
-		writeElements(&b, p.mapElements())
+	for _, m := range t.slotMaps() {
+		fmt.Fprintf(&b, "\tmap %s {\n\t\ttypeof numgen inc mod 1 : ip daddr . th dport\n", m.name)
+		writeElements(&b, slotElementsText(m.els))
 		b.WriteString("\t}\n\n")
 	}
 	b.WriteString("\tmap " + servicesMap + " {\n\t\ttype ipv4_addr . inet_proto . inet_service : verdict\n")
@@ -87,24 +87,26 @@ func writeChain(b *strings.Builder, name, hook string, rules ...string) {
 	b.WriteString("\t}\n\n")
 }
 
-func (p *Pool) mapElements() []string {
-	els := make([]string, len(p.Slots))
-	for i, s := range p.Slots {
-		els[i] = fmt.Sprintf("%d : %s . %d", i, s.Addr(), s.Port())
+func slotElementsText(es []SlotElement) []string {
+	out := make([]string, len(es))
+	for i, e := range es {
+		out[i] = fmt.Sprintf("%d : %s . %d", e.Key, e.Target.Addr(), e.Target.Port())
 	}
-	return els
+	return out
 }
 
 func (p *Pool) selectorText() string {
-	// An empty pool's map still needs a parseable typeof (mod 0 is not).
-	n := max(len(p.Slots), 1)
+	offset := ""
+	if p.Base != 0 {
+		offset = fmt.Sprintf(" offset %d", p.Base)
+	}
 	switch p.Scheduler {
 	case vip.Random:
-		return fmt.Sprintf("numgen random mod %d", n)
+		return fmt.Sprintf("numgen random mod %d%s", p.Size, offset)
 	case vip.SourceHash:
-		return fmt.Sprintf("jhash ip saddr mod %d seed 0x%x", n, HashSeed)
+		return fmt.Sprintf("jhash ip saddr mod %d seed 0x%x%s", p.Size, HashSeed, offset)
 	default:
-		return fmt.Sprintf("numgen inc mod %d", n)
+		return fmt.Sprintf("numgen inc mod %d%s", p.Size, offset)
 	}
 }
 
@@ -118,5 +120,5 @@ func (p *Pool) ruleText() string {
 		return counter + " reject with tcp reset"
 	}
 	return fmt.Sprintf("meta mark set meta mark | 0x%08x ct mark set ct mark | 0x%08x %s meta l4proto %s dnat ip to %s map @%s",
-		MasqMark, ConnMark, counter, p.Protocol, p.selectorText(), p.Map())
+		MasqMark, ConnMark, counter, p.Protocol, p.selectorText(), p.Map)
 }
