@@ -198,8 +198,15 @@ func SlotMap(pool string) string {
 	for i := 0; i < len(pool); i++ {
 		h = (h ^ uint32(pool[i])) * 16777619
 	}
-	return fmt.Sprintf("slots-%03d", h%slotMaps)
+	return slotMapNames[h%slotMaps]
 }
+
+var slotMapNames = func() (names [slotMaps]string) {
+	for i := range names {
+		names[i] = fmt.Sprintf("slots-%03d", i)
+	}
+	return names
+}()
 
 // Build renders the desired state from scratch. It is pure and
 // deterministic; BuildOn keeps the key ranges of an existing table.
