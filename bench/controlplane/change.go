@@ -9,6 +9,7 @@ import (
 
 	"github.com/google/nftables"
 
+	"github.com/nftlb/nftlb/bench/internal/benchkit"
 	"github.com/nftlb/nftlb/internal/ruleset"
 	"github.com/nftlb/nftlb/internal/vip"
 )
@@ -66,12 +67,12 @@ func runChange(ctx context.Context, o options, _ string) ([]changeResult, error)
 		}
 		out = append(out, r)
 		line := fmt.Sprintf("pools=%-5d cold=%s  down: median %s p99 %s max %s (cpu user %v sys %v) | up: median %s p99 %s | swap: median %s p99 %s max %s (cpu user %v sys %v) | swap back: median %s p99 %s | desired+Build %s, Diff %s | plans: down %s; swap %s",
-			n, ms(r.cold), ms(median(r.down)), ms(quantile(r.down, .99)), ms(slices.Max(r.down)), r.downCPU[0].Round(time.Millisecond), r.downCPU[1].Round(time.Millisecond),
-			ms(median(r.up)), ms(quantile(r.up, .99)),
-			ms(median(r.swap)), ms(quantile(r.swap, .99)), ms(slices.Max(r.swap)), r.swapCPU[0].Round(time.Millisecond), r.swapCPU[1].Round(time.Millisecond),
-			ms(median(r.swapBack)), ms(quantile(r.swapBack, .99)), ms(median(r.desired)), ms(median(r.diff)), r.downPlan, r.swapPlan)
+			n, ms(r.cold), ms(benchkit.Median(r.down)), ms(benchkit.Quantile(r.down, .99)), ms(slices.Max(r.down)), r.downCPU[0].Round(time.Millisecond), r.downCPU[1].Round(time.Millisecond),
+			ms(benchkit.Median(r.up)), ms(benchkit.Quantile(r.up, .99)),
+			ms(benchkit.Median(r.swap)), ms(benchkit.Quantile(r.swap, .99)), ms(slices.Max(r.swap)), r.swapCPU[0].Round(time.Millisecond), r.swapCPU[1].Round(time.Millisecond),
+			ms(benchkit.Median(r.swapBack)), ms(benchkit.Quantile(r.swapBack, .99)), ms(benchkit.Median(r.desired)), ms(benchkit.Median(r.diff)), r.downPlan, r.swapPlan)
 		fmt.Println(line)
-		progress("%s", line)
+		benchkit.Progress("%s", line)
 	}
 	return out, nil
 }
@@ -81,7 +82,7 @@ func changeTarget(i, n int) int { return (i*7919 + n/2) % n }
 
 func oneChangeSeries(ctx context.Context, n, changes int) (changeResult, error) {
 	r := changeResult{n: n}
-	progress("change: %d pools, %d changes of each kind", n, changes)
+	benchkit.Progress("change: %d pools, %d changes of each kind", n, changes)
 	cfg := configOf(n)
 	ns, err := newScratch()
 	if err != nil {
@@ -98,11 +99,11 @@ func oneChangeSeries(ctx context.Context, n, changes int) (changeResult, error) 
 	r.cold = res.Duration
 
 	apply := func(t *ruleset.Table, wantRule bool, into *[]time.Duration, cpu *[2]time.Duration) error {
-		u0, s0 := rusage()
+		u0, s0 := benchkit.Rusage()
 		st := time.Now()
 		res, err := a.Apply(t)
 		d := time.Since(st)
-		u1, s1 := rusage()
+		u1, s1 := benchkit.Rusage()
 		if err != nil {
 			return err
 		}
@@ -197,7 +198,7 @@ func printChange(o options, rs []changeResult) {
 			{"swapped back: map only", r.swapBack, ""},
 		}
 		for _, row := range rows {
-			fmt.Printf("| %d | %s | %s | %s | %s | %s |\n", r.n, row.name, ms(median(row.ds)), ms(quantile(row.ds, .99)), ms(slices.Max(row.ds)), row.cpu)
+			fmt.Printf("| %d | %s | %s | %s | %s | %s |\n", r.n, row.name, ms(benchkit.Median(row.ds)), ms(benchkit.Quantile(row.ds, .99)), ms(slices.Max(row.ds)), row.cpu)
 		}
 	}
 	fmt.Printf("\nNot in the Apply times, but paid by the daemon on every change before it: ")
@@ -205,7 +206,7 @@ func printChange(o options, rs []changeResult) {
 		if i > 0 {
 			fmt.Printf("; ")
 		}
-		fmt.Printf("at %d pools, the desired state + `Build` of the whole table %s (median); `Diff` of two such tables (pure, inside Apply) takes %s", r.n, ms(median(r.desired)), ms(median(r.diff)))
+		fmt.Printf("at %d pools, the desired state + `Build` of the whole table %s (median); `Diff` of two such tables (pure, inside Apply) takes %s", r.n, ms(benchkit.Median(r.desired)), ms(benchkit.Median(r.diff)))
 	}
 	fmt.Printf(".\n")
 }

@@ -16,6 +16,7 @@ import (
 
 	"github.com/google/nftables"
 
+	"github.com/nftlb/nftlb/bench/internal/benchkit"
 	"github.com/nftlb/nftlb/internal/health"
 	"github.com/nftlb/nftlb/internal/ruleset"
 	"github.com/nftlb/nftlb/internal/vip"
@@ -88,7 +89,7 @@ func runCold(ctx context.Context, o options, dir string) ([]coldResult, error) {
 		if n >= 5000 {
 			runs = o.runsLarge
 		}
-		progress("cold: %d pools (config %d bytes, rendered ruleset %d bytes), %d runs", n, r.cfgBytes, r.nftBytes, runs)
+		benchkit.Progress("cold: %d pools (config %d bytes, rendered ruleset %d bytes), %d runs", n, r.cfgBytes, r.nftBytes, runs)
 		for run := 1; run <= runs; run++ {
 			if err := ctx.Err(); err != nil {
 				return nil, err
@@ -115,7 +116,7 @@ func runCold(ctx context.Context, o options, dir string) ([]coldResult, error) {
 				ms(f.wall), mib(f.maxRSS), f.user, f.sys,
 				ms(p.load), ms(p.health), bytesMiB(p.stacks), ms(p.build), ms(p.apply), p.applyUser.Round(time.Millisecond), p.applySys.Round(time.Millisecond), bytesMiB(p.alloc), bytesMiB(p.live), ms(base))
 			fmt.Println(line)
-			progress("%s", line)
+			benchkit.Progress("%s", line)
 		}
 		out = append(out, r)
 	}
@@ -134,26 +135,26 @@ func coldBinary(ctx context.Context, bin, cfgPath string) (binRun, error) {
 		user, sys time.Duration
 	}
 	snaps := make(chan snap, 1)
-	onLine := func(e logEntry) {
+	onLine := func(e benchkit.Entry) {
 		if e.Msg != "ruleset applied" {
 			return
 		}
 		if p := int(pid.Load()); p > 0 {
-			u, s, _ := procCPU(p)
+			u, s, _ := benchkit.ProcCPU(p)
 			select {
-			case snaps <- snap{procKB(p, "VmHWM"), procKB(p, "VmRSS"), u, s}:
+			case snaps <- snap{benchkit.ProcKB(p, "VmHWM"), benchkit.ProcKB(p, "VmRSS"), u, s}:
 			default:
 			}
 		}
 	}
 	t0 := time.Now()
-	d, err := startDaemon(ns.NS, bin, cfgPath, onLine)
+	d, err := benchkit.StartNftlb(ns.NS, bin, cfgPath, onLine)
 	if err != nil {
 		return binRun{}, err
 	}
 	pid.Store(int64(d.Pid()))
-	defer d.stop()
-	applied, _, err := d.waitFor(ctx, 0, 2*time.Minute, msgIs("ruleset applied"))
+	defer d.Stop()
+	applied, _, err := d.WaitFor(ctx, 0, 2*time.Minute, benchkit.Match("ruleset applied"))
 	if err != nil {
 		return binRun{}, err
 	}
@@ -165,14 +166,14 @@ func coldBinary(ctx context.Context, bin, cfgPath string) (binRun, error) {
 		r.hwm, r.rss = -1, -1
 	}
 	r.total = applied.Time.Sub(t0)
-	r.apply = applied.dur("duration")
-	if st, _, err := d.waitFor(ctx, 0, time.Second, msgIs("starting")); err == nil {
+	r.apply = applied.Dur("duration")
+	if st, _, err := d.WaitFor(ctx, 0, time.Second, benchkit.Match("starting")); err == nil {
 		r.toStart = st.Time.Sub(t0)
 	}
-	if applied.str("full") != "true" {
+	if applied.Str("full") != "true" {
 		return r, fmt.Errorf("first apply was not a full one: %s", applied.Raw)
 	}
-	d.stop()
+	d.Stop()
 	return r, nil
 }
 
@@ -196,7 +197,7 @@ func coldNft(ctx context.Context, timeBin, nftPath string) (nftRun, error) {
 	err = cmd.Run()
 	r := nftRun{wall: time.Since(t0)}
 	if err != nil {
-		return r, fmt.Errorf("nft -f %s: %w: %s", nftPath, err, tail(outb.String(), 10))
+		return r, fmt.Errorf("nft -f %s: %w: %s", nftPath, err, benchkit.Tail(outb.String(), 10))
 	}
 	if timeBin != "" {
 		out := outb.String()
@@ -292,11 +293,11 @@ func coldInProcess(ctx context.Context, cfgPath string) (ipRun, error) {
 	r.build = time.Since(t)
 	a := ruleset.NewApplier(nftables.WithNetNSFd(int(ns.fd)))
 	defer a.Close()
-	u0, s0 := rusage()
+	u0, s0 := benchkit.Rusage()
 	t = time.Now()
 	res, err := a.Apply(tbl)
 	r.apply = time.Since(t)
-	u1, s1 := rusage()
+	u1, s1 := benchkit.Rusage()
 	if err != nil {
 		return r, err
 	}
@@ -346,16 +347,16 @@ func printCold(rs []coldResult) {
 			nw, nrss, nu, nsy = append(nw, f.wall), append(nrss, f.maxRSS), append(nu, f.user), append(nsy, f.sys)
 		}
 		fmt.Printf("| %d | %d | %s / %s | %s | %s | %s | %s | %v + %v | %s | %s | %v + %v | %.2f |\n",
-			r.n, len(r.bin), kb(r.cfgBytes), kb(r.nftBytes), ms(median(tot)), ms(median(st)), ms(median(ap)), mib(medianInt(hwm)),
-			median(bu), median(bs), ms(median(nw)), mib(medianInt(nrss)), median(nu), median(nsy),
-			float64(median(tot))/float64(median(nw)))
+			r.n, len(r.bin), kb(r.cfgBytes), kb(r.nftBytes), ms(benchkit.Median(tot)), ms(benchkit.Median(st)), ms(benchkit.Median(ap)), mib(medianInt(hwm)),
+			benchkit.Median(bu), benchkit.Median(bs), ms(benchkit.Median(nw)), mib(medianInt(nrss)), benchkit.Median(nu), benchkit.Median(nsy),
+			float64(benchkit.Median(tot))/float64(benchkit.Median(nw)))
 	}
 	var base []time.Duration
 	for _, r := range rs {
 		base = append(base, r.execBase...)
 	}
 	fmt.Printf("\nBoth columns include `ip netns exec` (setns, remount of /sys, exec); `ip netns exec NS nftlb version` (start a Go binary, print, exit) takes %s (median of %d). nft's RSS and CPU are from %s; nftlb's CPU from /proc/PID/stat (10 ms ticks).\n",
-		ms(median(base)), len(base), rs[0].rssSource)
+		ms(benchkit.Median(base)), len(base), rs[0].rssSource)
 
 	fmt.Printf("\n### Cold apply: the daemon's steps in-process (median of the runs above)\n\n")
 	fmt.Printf("| pools × 3 backends | config load (`vip.Load`: YAML, validation) | health start (`Update` + first round, 3N loops, type none) | goroutine stacks while they run | desired state + `Build` | `Apply` (cold: one full transaction) | Apply CPU user + sys | Go heap allocated by Build + Apply | heap retained after (table, applier) |\n")
@@ -367,8 +368,8 @@ func printCold(rs []coldResult) {
 			l, h, b, a, au, as = append(l, p.load), append(h, p.health), append(b, p.build), append(a, p.apply), append(au, p.applyUser), append(as, p.applySys)
 			al, lv, st = append(al, int64(p.alloc)), append(lv, int64(p.live)), append(st, int64(p.stacks))
 		}
-		fmt.Printf("| %d | %s | %s | %s | %s | %s | %v + %v | %s | %s |\n", r.n, ms(median(l)), ms(median(h)), bytesMiB(uint64(medianInt(st))), ms(median(b)), ms(median(a)),
-			median(au).Round(time.Millisecond), median(as).Round(time.Millisecond), bytesMiB(uint64(medianInt(al))), bytesMiB(uint64(medianInt(lv))))
+		fmt.Printf("| %d | %s | %s | %s | %s | %s | %v + %v | %s | %s |\n", r.n, ms(benchkit.Median(l)), ms(benchkit.Median(h)), bytesMiB(uint64(medianInt(st))), ms(benchkit.Median(b)), ms(benchkit.Median(a)),
+			benchkit.Median(au).Round(time.Millisecond), benchkit.Median(as).Round(time.Millisecond), bytesMiB(uint64(medianInt(al))), bytesMiB(uint64(medianInt(lv))))
 	}
 }
 

@@ -17,6 +17,7 @@ import (
 
 	"github.com/google/nftables"
 
+	"github.com/nftlb/nftlb/bench/internal/benchkit"
 	"github.com/nftlb/nftlb/internal/ruleset"
 	"github.com/nftlb/nftlb/internal/vip"
 )
@@ -55,9 +56,9 @@ func printGoals(o options, cold []coldResult, change []changeResult, probe *prob
 			tot, nw = append(tot, b.total), append(nw, r.nft[i].wall)
 			ba = append(ba, r.inproc[i].build+r.inproc[i].apply)
 		}
-		t, n := median(tot), median(nw)
+		t, n := benchkit.Median(tot), benchkit.Median(nw)
 		row("cold apply of 10,000 pools × 3 backends under 1 s (`nftlb run`, exec → `ruleset applied`)",
-			fmt.Sprintf("%s (median of %d); in-process desired state + Build + Apply alone: %s", ms(t), len(tot), ms(median(ba))), t < goalCold)
+			fmt.Sprintf("%s (median of %d); in-process desired state + Build + Apply alone: %s", ms(t), len(tot), ms(benchkit.Median(ba))), t < goalCold)
 		row("… and below `nft -f` of the same ruleset", fmt.Sprintf("nftlb %s vs nft -f %s (%.2f×)", ms(t), ms(n), float64(t)/float64(n)), t < n)
 	}
 	for _, r := range change {
@@ -68,17 +69,17 @@ func printGoals(o options, cold []coldResult, change []changeResult, probe *prob
 			name string
 			ds   []time.Duration
 		}{{"backend down (map + rule)", r.down}, {"backend up (map + rule)", r.up}, {"backend swapped (map only)", r.swap}} {
-			p99 := quantile(c.ds, .99)
+			p99 := benchkit.Quantile(c.ds, .99)
 			row(fmt.Sprintf("one backend change under 5 ms at 10,000 pools: %s, p99", c.name),
-				fmt.Sprintf("median %s, p99 %s", ms(median(c.ds)), ms(p99)), p99 < goalChange)
+				fmt.Sprintf("median %s, p99 %s", ms(benchkit.Median(c.ds)), ms(p99)), p99 < goalChange)
 		}
 	}
 	if probe != nil {
 		row(fmt.Sprintf("daemon under 50 MiB RSS while probing %d backends every second", probe.targets),
 			fmt.Sprintf("VmRSS %s at the end, max sampled %s (VmHWM %s)", mib(probe.rss), mib(probe.maxRSS), mib(probe.hwm)), probe.maxRSS < goalRSSKB)
-		c := pct(probe.user+probe.sys, probe.window)
+		c := benchkit.Pct(probe.user+probe.sys, probe.window)
 		row(fmt.Sprintf("daemon under 5%% of one core while probing %d backends every second", probe.targets),
-			fmt.Sprintf("%.1f %% (user %.1f %%, sys %.1f %%)", c, pct(probe.user, probe.window), pct(probe.sys, probe.window)), c < goalCPUPercent)
+			fmt.Sprintf("%.1f %% (user %.1f %%, sys %.1f %%)", c, benchkit.Pct(probe.user, probe.window), benchkit.Pct(probe.sys, probe.window)), c < goalCPUPercent)
 		fmt.Printf("\nTIME_WAIT in the LB namespace while probing: at most %d sockets (%s backends; probes close with SO_LINGER 0).\n", probe.maxTimeWait, o.backend)
 	}
 	if !any {
@@ -119,7 +120,7 @@ func runProfiles(ctx context.Context, o options, dir string, cold []coldResult, 
 		if err := writeAllocs(base); err != nil {
 			return err
 		}
-		u0, s0 := rusage()
+		u0, s0 := benchkit.Rusage()
 		t := time.Now()
 		if err := pprof.StartCPUProfile(out); err != nil {
 			return err
@@ -127,7 +128,7 @@ func runProfiles(ctx context.Context, o options, dir string, cold []coldResult, 
 		ferr := f()
 		pprof.StopCPUProfile()
 		wall := time.Since(t)
-		u1, s1 := rusage()
+		u1, s1 := benchkit.Rusage()
 		if ferr != nil {
 			return ferr
 		}
@@ -142,7 +143,7 @@ func runProfiles(ctx context.Context, o options, dir string, cold []coldResult, 
 		}
 		return nil
 	}
-	progress("profile: config load of %d pools x%d", n, reps)
+	benchkit.Progress("profile: config load of %d pools x%d", n, reps)
 	err = profile("load", true, fmt.Sprintf("config load of %d pools (vip.Load), %d times", n, reps), func() error {
 		for range reps {
 			if _, err := vip.Load(cfgPath); err != nil {
@@ -158,7 +159,7 @@ func runProfiles(ctx context.Context, o options, dir string, cold []coldResult, 
 	if err != nil {
 		return err
 	}
-	progress("profile: cold Build + Apply of %d pools x%d", n, reps)
+	benchkit.Progress("profile: cold Build + Apply of %d pools x%d", n, reps)
 	var nss []*scratch
 	defer func() {
 		for _, s := range nss {
@@ -196,7 +197,7 @@ func runProfiles(ctx context.Context, o options, dir string, cold []coldResult, 
 		return nil
 	}
 	cn := change[len(change)-1].n
-	progress("profile: %d backend down/up changes at %d pools", o.changes, cn)
+	benchkit.Progress("profile: %d backend down/up changes at %d pools", o.changes, cn)
 	ccfg := configOf(cn)
 	s, err := newScratch()
 	if err != nil {
@@ -299,11 +300,11 @@ func perfSelf(ctx context.Context, dir, slug, name string, f func() error) error
 		}
 	}
 	time.Sleep(500 * time.Millisecond) // let perf attach to every thread
-	u0, s0 := rusage()
+	u0, s0 := benchkit.Rusage()
 	t := time.Now()
 	ferr := f()
 	wall := time.Since(t)
-	u1, s1 := rusage()
+	u1, s1 := benchkit.Rusage()
 	stopRec()
 	if ferr != nil {
 		return ferr

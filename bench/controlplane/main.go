@@ -25,20 +25,19 @@ package main
 
 import (
 	"context"
-	"errors"
 	"flag"
 	"fmt"
 	"net/netip"
 	"os"
 	"os/exec"
-	"os/signal"
 	"path/filepath"
 	"runtime"
 	"slices"
 	"strconv"
 	"strings"
-	"syscall"
 	"time"
+
+	"github.com/nftlb/nftlb/bench/internal/benchkit"
 )
 
 type options struct {
@@ -89,16 +88,7 @@ func main() {
 		fmt.Fprintln(os.Stderr, "controlplane: want -pools and -change-pools as lists of 1..30000, -runs and -runs-large >= 1, -changes >= 1, 1 <= -probe-pools <= 30000, -window >= 2s, -backend silent|who, -profile missed|always|never")
 		os.Exit(2)
 	}
-	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
-	ctx, cancel := context.WithTimeout(ctx, o.timeout)
-	err = run(ctx, o)
-	cancel()
-	stop()
-	deleteLeftovers()
-	if err != nil {
-		fmt.Fprintln(os.Stderr, "controlplane:", err)
-		os.Exit(1)
-	}
+	benchkit.Run("controlplane", o.timeout, func(ctx context.Context) error { return run(ctx, o) }, deleteLeftovers)
 }
 
 func intList(s string) ([]int, error) {
@@ -116,22 +106,15 @@ func intList(s string) ([]int, error) {
 	return out, nil
 }
 
-func progress(format string, args ...any) {
-	fmt.Fprintf(os.Stderr, "[%s] "+format+"\n", append([]any{time.Now().Format("15:04:05.000")}, args...)...)
-}
-
 func run(ctx context.Context, o options) error {
-	if os.Geteuid() != 0 {
-		return errors.New("needs root (network namespaces, nftables)")
+	if err := benchkit.NeedRoot(); err != nil {
+		return err
 	}
-	abs, err := filepath.Abs(o.bin)
+	bin, err := benchkit.NftlbBinary(o.bin)
 	if err != nil {
 		return err
 	}
-	if _, err := os.Stat(abs); err != nil {
-		return fmt.Errorf("%w (build it: go build -o bin/nftlb ./cmd/nftlb)", err)
-	}
-	o.bin = abs
+	o.bin = bin
 	dir, err := os.MkdirTemp("", "nftlb-controlplane-")
 	if err != nil {
 		return err
@@ -140,10 +123,10 @@ func run(ctx context.Context, o options) error {
 
 	start := time.Now()
 	fmt.Printf("# nftlb control-plane benchmark\n\n")
-	fmt.Printf("- started %s on %s, %d CPUs, kernel %s, %s, %s\n", start.UTC().Format(time.RFC3339), hostname(), runtime.NumCPU(), kernel(), runtime.Version(), nftVersion())
-	fmt.Printf("- load average at start: %s\n", loadavg())
+	fmt.Printf("- started %s on %s, %d CPUs, kernel %s, %s, %s\n", start.UTC().Format(time.RFC3339), benchkit.Hostname(), runtime.NumCPU(), benchkit.Kernel(), runtime.Version(), nftVersion())
+	fmt.Printf("- load average at start: %s\n", benchkit.Loadavg())
 	fmt.Printf("- flags: -pools %s -runs %d -runs-large %d -change-pools %s -changes %d -probe-pools %d -window %v -backend %s\n\n",
-		ints(o.pools), o.runs, o.runsLarge, ints(o.changePools), o.changes, o.probePools, o.window, o.backend)
+		benchkit.JoinInts(o.pools), o.runs, o.runsLarge, benchkit.JoinInts(o.changePools), o.changes, o.probePools, o.window, o.backend)
 
 	var (
 		cold   []coldResult
@@ -182,17 +165,15 @@ func run(ctx context.Context, o options) error {
 			return err
 		}
 	}
-	fmt.Printf("\nload average at end: %s; total time %v\n", loadavg(), time.Since(start).Round(time.Second))
+	fmt.Printf("\nload average at end: %s; total time %v\n", benchkit.Loadavg(), time.Since(start).Round(time.Second))
 	return nil
 }
 
 // poolVIP is pool i's VIP: 198.18.128.1 upwards (198.18.128.0/17 holds
 // 32,767 of them).
-func poolVIP(i int) netip.Addr {
-	n := uint32(198)<<24 | uint32(18)<<16 | uint32(128)<<8
-	n += uint32(i + 1)
-	return netip.AddrFrom4([4]byte{byte(n >> 24), byte(n >> 16), byte(n >> 8), byte(n)})
-}
+func poolVIP(i int) netip.Addr { return benchkit.AddrAdd(vipBase, i+1) }
+
+var vipBase = netip.AddrFrom4([4]byte{198, 18, 128, 0})
 
 func poolName(i int) string { return fmt.Sprintf("p%05d", i) }
 
@@ -226,36 +207,12 @@ func writeConfig(dir string, n int, health, tag string) (string, error) {
 	return path, os.WriteFile(path, []byte(configYAML(n, health)), 0o644)
 }
 
-func hostname() string { h, _ := os.Hostname(); return h }
-
-func kernel() string {
-	b, _ := os.ReadFile("/proc/sys/kernel/osrelease")
-	return strings.TrimSpace(string(b))
-}
-
 func nftVersion() string {
 	out, err := exec.Command("nft", "--version").Output()
 	if err != nil {
 		return "nft ?"
 	}
 	return strings.TrimSpace(string(out))
-}
-
-func loadavg() string {
-	b, _ := os.ReadFile("/proc/loadavg")
-	f := strings.Fields(string(b))
-	if len(f) < 3 {
-		return "?"
-	}
-	return strings.Join(f[:3], " ")
-}
-
-func ints(xs []int) string {
-	s := make([]string, len(xs))
-	for i, x := range xs {
-		s[i] = strconv.Itoa(x)
-	}
-	return strings.Join(s, ",")
 }
 
 // ms formats a duration for tables: 3 significant-ish digits.
@@ -288,32 +245,6 @@ func bytesMiB(b uint64) string {
 	return fmt.Sprintf("%.1f MiB", float64(b)/(1<<20))
 }
 
-// median of durations (the mean of the middle two for an even count).
-func median(ds []time.Duration) time.Duration {
-	if len(ds) == 0 {
-		return -1
-	}
-	s := slices.Clone(ds)
-	slices.Sort(s)
-	n := len(s)
-	if n%2 == 1 {
-		return s[n/2]
-	}
-	return (s[n/2-1] + s[n/2]) / 2
-}
-
-// quantile by nearest rank: the smallest value with at least q of the
-// samples at or below it (p99 of 50 samples is the largest).
-func quantile(ds []time.Duration, q float64) time.Duration {
-	if len(ds) == 0 {
-		return -1
-	}
-	s := slices.Clone(ds)
-	slices.Sort(s)
-	i := int(float64(len(s))*q+0.999999) - 1
-	return s[max(0, min(i, len(s)-1))]
-}
-
 func medianInt(xs []int64) int64 {
 	if len(xs) == 0 {
 		return -1
@@ -321,25 +252,4 @@ func medianInt(xs []int64) int64 {
 	s := slices.Clone(xs)
 	slices.Sort(s)
 	return s[len(s)/2]
-}
-
-func pct(part, whole time.Duration) float64 {
-	if whole <= 0 {
-		return 0
-	}
-	return 100 * float64(part) / float64(whole)
-}
-
-func sleep(ctx context.Context, d time.Duration) error {
-	if d <= 0 {
-		return ctx.Err()
-	}
-	t := time.NewTimer(d)
-	defer t.Stop()
-	select {
-	case <-t.C:
-		return nil
-	case <-ctx.Done():
-		return ctx.Err()
-	}
 }

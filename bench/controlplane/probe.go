@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"io"
 	"net/http"
-	"os"
 	"os/exec"
 	"path/filepath"
 	"sort"
@@ -14,6 +13,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/nftlb/nftlb/bench/internal/benchkit"
 	"github.com/nftlb/nftlb/internal/lab"
 )
 
@@ -60,17 +60,11 @@ func runProbe(ctx context.Context, o options, dir string) (*probeResult, error) 
 	fmt.Printf("\n## 3. The daemon while health-checking\n\nA lab (client, LB, b1..b3; internal/lab), `nftlb run` in the LB namespace with %d pools × 3 backends, `type: tcp` checks every %v (timeout %v) of b1..b3:%d, where each backend runs a %s server (goroutines of this program). After every target is up and %v of warm-up, a %v window: nftlb's CPU (utime + stime, /proc/PID/stat), VmRSS, TIME_WAIT sockets in the LB namespace (`ss -Htan state time-wait`, counted), conntrack entries.\n\n```\n",
 		n, probeInterval, probeTimeout, backendPort, o.backend, probeWarmup, o.window)
 	defer fmt.Println("```")
-	progress("probe: building the lab")
-	l, err := lab.New(lab.Options{Backends: len(backendAddrs)})
+	l, closeLab, err := benchkit.NewLab("probe", len(backendAddrs))
 	if err != nil {
 		return nil, err
 	}
-	defer func() {
-		progress("probe: tearing down the lab")
-		if err := l.Close(); err != nil {
-			progress("teardown: %v", err)
-		}
-	}()
+	defer closeLab()
 	for _, b := range l.Backends {
 		serve := b.ServeHTTP // accepts and sends nothing until asked: the probe's close is the first FIN
 		if o.backend == "who" {
@@ -84,120 +78,79 @@ func runProbe(ctx context.Context, o options, dir string) (*probeResult, error) 
 	if err != nil {
 		return nil, err
 	}
-	progress("probe: starting nftlb (%d pools, %d targets) in %s", n, res.targets, l.LB.Name)
+	benchkit.Progress("probe: starting nftlb (%d pools, %d targets) in %s", n, res.targets, l.LB.Name)
 	t0 := time.Now()
-	d, err := startDaemon(l.LB, o.bin, cfgPath, nil)
+	d, err := benchkit.StartNftlb(l.LB, o.bin, cfgPath, nil)
 	if err != nil {
 		return nil, err
 	}
-	defer d.stop()
-	if _, _, err := d.waitFor(ctx, 0, time.Minute, msgIs("ruleset applied")); err != nil {
+	defer d.Stop()
+	if _, _, err := d.WaitFor(ctx, 0, time.Minute, benchkit.Match("ruleset applied")); err != nil {
 		return nil, err
 	}
-	up := map[string]bool{}
-	mark := 0
-	for len(up) < res.targets {
-		for _, e := range d.logs.Since(mark) {
-			mark++
-			if e.Msg == "backend state changed" && e.str("to") == "up" {
-				up[e.str("pool")+"/"+e.str("backend")] = true
-			}
-		}
-		if time.Since(t0) > time.Minute {
-			return nil, fmt.Errorf("only %d of %d targets up after a minute; end of nftlb's log:\n%s", len(up), res.targets, tail(d.logs.String(), 10))
-		}
-		if err := sleep(ctx, 50*time.Millisecond); err != nil {
-			return nil, err
-		}
+	if err := d.WaitTargetsUp(ctx, 0, res.targets, time.Minute-time.Since(t0)); err != nil {
+		return nil, err
 	}
 	res.startup = time.Since(t0)
-	startMark := len(d.logs.Since(0))
-	progress("probe: all %d targets up %v after exec", res.targets, res.startup.Round(time.Millisecond))
+	startMark := d.Log.Len()
+	benchkit.Progress("probe: all %d targets up %v after exec", res.targets, res.startup.Round(time.Millisecond))
 	for _, i := range []int{0, n - 1} {
 		addr := fmt.Sprintf("%s:%d", poolVIP(i), vipPort)
-		cctx, cancel := context.WithTimeout(ctx, 3*time.Second)
-		var name string
-		if o.backend == "who" {
-			name, _, err = l.Who(cctx, l.Client, addr)
-		} else {
-			name, _, err = l.WhoHTTP(cctx, l.Client, "http://"+addr+"/")
-		}
-		cancel()
+		name, err := benchkit.Who(ctx, l, addr, o.backend != "who", 3*time.Second)
 		if err != nil {
 			return nil, fmt.Errorf("a connection through pool %s (%s): %w", poolName(i), addr, err)
 		}
-		progress("probe: %s (%s) -> %s", poolName(i), addr, name)
+		benchkit.Progress("probe: %s (%s) -> %s", poolName(i), addr, name)
 	}
 	changesSince := func() int {
 		c := 0
-		for _, e := range d.logs.Since(startMark) {
+		for _, e := range d.Log.Since(startMark) {
 			if e.Msg == "backend state changed" {
 				c++
 			}
 		}
 		return c
 	}
-	if err := sleep(ctx, probeWarmup); err != nil {
+	if err := benchkit.Sleep(ctx, probeWarmup); err != nil {
 		return nil, err
 	}
 	pid := d.Pid()
-	if comm, _ := os.ReadFile(fmt.Sprintf("/proc/%d/comm", pid)); strings.TrimSpace(string(comm)) != "nftlb" {
-		return nil, fmt.Errorf("pid %d is %q, not nftlb", pid, strings.TrimSpace(string(comm)))
-	}
-	progress("probe: measuring nftlb (pid %d) over %v", pid, o.window)
-	p0, perr := probeCount(ctx, l)
-	u0, s0, err := procCPU(pid)
-	if err != nil {
+	if err := benchkit.CheckComm(pid, "nftlb"); err != nil {
 		return nil, err
 	}
-	su0, ss0 := rusage()
-	w0 := time.Now()
-	pu, ps := u0, s0
-	prev := w0
-	const step = 2 * time.Second
-	for next := w0.Add(step); ; next = next.Add(step) {
-		last := !next.Before(w0.Add(o.window))
-		if last {
-			next = w0.Add(o.window)
-		}
-		if err := sleep(ctx, time.Until(next)); err != nil {
-			return nil, err
-		}
-		u, s, err := procCPU(pid)
-		if err != nil {
-			return nil, fmt.Errorf("nftlb: %w", err)
-		}
-		now := time.Now()
-		sm := probeSample{at: now.Sub(w0), span: now.Sub(prev), user: u - pu, sys: s - ps, rss: procKB(pid, "VmRSS"),
-			timeWait: timeWait(ctx, l.LB), conntrack: conntrackCount(l.LB), changes: changesSince()}
-		pu, ps, prev = u, s, now
+	benchkit.Progress("probe: measuring nftlb (pid %d) over %v", pid, o.window)
+	p0, perr := probeCount(ctx, l)
+	su0, ss0 := benchkit.Rusage()
+	total, err := benchkit.SampleCPU(ctx, pid, o.window, 2*time.Second, func(c benchkit.CPUSample) {
+		sm := probeSample{at: c.At, span: c.Span, user: c.User, sys: c.Sys, rss: benchkit.ProcKB(pid, "VmRSS"),
+			timeWait: timeWait(ctx, l.LB), conntrack: benchkit.ConntrackCount(l.LB), changes: changesSince()}
 		res.samples = append(res.samples, sm)
 		res.maxRSS = max(res.maxRSS, sm.rss)
 		res.maxTimeWait = max(res.maxTimeWait, sm.timeWait)
 		line := fmt.Sprintf("+%-6v nftlb cpu %5.1f%% (user %v, sys %v)  VmRSS %s  LB TIME_WAIT %d  conntrack %s  state changes %d",
-			sm.at.Round(100*time.Millisecond), pct(sm.user+sm.sys, sm.span), sm.user, sm.sys, mib(sm.rss), sm.timeWait, sm.conntrack, sm.changes)
+			sm.at.Round(100*time.Millisecond), benchkit.Pct(sm.user+sm.sys, sm.span), sm.user, sm.sys, mib(sm.rss), sm.timeWait, sm.conntrack, sm.changes)
 		fmt.Println(line)
-		progress("probe: %s", line)
-		if last {
-			break
-		}
+		benchkit.Progress("probe: %s", line)
+	})
+	if err != nil {
+		return nil, fmt.Errorf("nftlb: %w", err)
 	}
-	res.window = time.Since(w0)
-	res.user, res.sys = pu-u0, ps-s0
+	res.window = total.At
+	res.user, res.sys = total.User, total.Sys
 	if p1, err := probeCount(ctx, l); err == nil && perr == nil {
 		res.probes = p1 - p0
 	} else {
-		progress("probe: counting probes: %v %v", perr, err)
+		benchkit.Progress("probe: counting probes: %v %v", perr, err)
 	}
-	su1, ss1 := rusage()
+	su1, ss1 := benchkit.Rusage()
 	res.selfCPU = su1 + ss1 - su0 - ss0
-	res.rss, res.hwm, res.threads = procKB(pid, "VmRSS"), procKB(pid, "VmHWM"), procStatus(pid, "Threads")
+	res.rss, res.hwm, res.threads = benchkit.ProcKB(pid, "VmRSS"), benchkit.ProcKB(pid, "VmHWM"), benchkit.ProcStatus(pid, "Threads")
 	res.changes = changesSince()
 	if err := scrapeGoMem(ctx, l, res.gomem); err != nil {
-		progress("probe: /metrics: %v", err)
+		benchkit.Progress("probe: /metrics: %v", err)
 	}
 	fmt.Printf("window %v: %.0f probes (%.0f/s); nftlb cpu user %v + sys %v = %.1f%% of one core; VmRSS %s (max sampled %s), VmHWM %s, threads %s; Go: %s; this program (the backends) cpu %v\n",
-		res.window.Round(time.Millisecond), res.probes, res.probes/res.window.Seconds(), res.user, res.sys, pct(res.user+res.sys, res.window), mib(res.rss), mib(res.maxRSS), mib(res.hwm), res.threads, goMemString(res.gomem), res.selfCPU.Round(time.Millisecond))
+		res.window.Round(time.Millisecond), res.probes, res.probes/res.window.Seconds(), res.user, res.sys, benchkit.Pct(res.user+res.sys, res.window), mib(res.rss), mib(res.maxRSS), mib(res.hwm), res.threads, goMemString(res.gomem), res.selfCPU.Round(time.Millisecond))
 	if o.perf {
 		perfDaemon(ctx, pid, dir, res)
 	}
@@ -215,19 +168,6 @@ func timeWait(ctx context.Context, ns *lab.NS) int {
 		if strings.TrimSpace(line) != "" {
 			n++
 		}
-	}
-	return n
-}
-
-func conntrackCount(ns *lab.NS) string {
-	var n string
-	err := ns.Do(func() error {
-		b, err := os.ReadFile("/proc/sys/net/netfilter/nf_conntrack_count")
-		n = strings.TrimSpace(string(b))
-		return err
-	})
-	if err != nil {
-		return "?"
 	}
 	return n
 }
@@ -331,11 +271,11 @@ func perfDaemon(ctx context.Context, pid int, dir string, res *probeResult) {
 		return
 	}
 	data := filepath.Join(dir, "perf.data")
-	progress("probe: perf record -p %d for 10 s", pid)
+	benchkit.Progress("probe: perf record -p %d for 10 s", pid)
 	cctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
 	if out, err := exec.CommandContext(cctx, perf, "record", "-q", "-F", "999", "-p", strconv.Itoa(pid), "-o", data, "--", "sleep", "10").CombinedOutput(); err != nil {
-		res.perfErr = fmt.Sprintf("perf record: %v: %s", err, tail(string(out), 3))
+		res.perfErr = fmt.Sprintf("perf record: %v: %s", err, benchkit.Tail(string(out), 3))
 		return
 	}
 	report := func(sort string, limit int) string {
@@ -364,15 +304,15 @@ func printProbe(o options, r *probeResult) {
 	fmt.Printf("\n### The daemon while health-checking %d pools × 3 backends (%d tcp targets every %v, backends %q), %v window\n\n", r.pools, r.targets, probeInterval, o.backend, r.window.Round(time.Second))
 	fmt.Printf("| metric | value |\n|---|---|\n")
 	fmt.Printf("| exec → every target up | %s |\n", ms(r.startup))
-	fmt.Printf("| CPU, %% of one core (utime + stime over the window) | %.1f %% |\n", pct(r.user+r.sys, r.window))
-	fmt.Printf("| of which user / system | %.1f %% / %.1f %% (%v / %v) |\n", pct(r.user, r.window), pct(r.sys, r.window), r.user, r.sys)
+	fmt.Printf("| CPU, %% of one core (utime + stime over the window) | %.1f %% |\n", benchkit.Pct(r.user+r.sys, r.window))
+	fmt.Printf("| of which user / system | %.1f %% / %.1f %% (%v / %v) |\n", benchkit.Pct(r.user, r.window), benchkit.Pct(r.sys, r.window), r.user, r.sys)
 	if r.probes > 0 {
 		fmt.Printf("| probes completed in the window (the daemon's own count) | %.0f (%.0f/s) |\n", r.probes, r.probes/r.window.Seconds())
 		fmt.Printf("| CPU per probe, user + sys | %.0f µs + %.0f µs |\n", float64(r.user.Microseconds())/r.probes, float64(r.sys.Microseconds())/r.probes)
 	}
 	var per []float64
 	for _, s := range r.samples {
-		per = append(per, pct(s.user+s.sys, s.span))
+		per = append(per, benchkit.Pct(s.user+s.sys, s.span))
 	}
 	sort.Float64s(per)
 	if len(per) > 0 {
@@ -385,7 +325,7 @@ func printProbe(o options, r *probeResult) {
 	}
 	fmt.Printf("| TIME_WAIT sockets in the LB namespace, max sampled | %d |\n", r.maxTimeWait)
 	fmt.Printf("| state changes after start-up (should be 0) | %d |\n", r.changes)
-	fmt.Printf("| this program (the 3 backends' servers), CPU over the window | %.1f %% |\n", pct(r.selfCPU, r.window))
+	fmt.Printf("| this program (the 3 backends' servers), CPU over the window | %.1f %% |\n", benchkit.Pct(r.selfCPU, r.window))
 	if r.perfErr != "" {
 		fmt.Printf("\nperf: %s\n", r.perfErr)
 	} else if r.perfDSO != "" {

@@ -10,6 +10,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/nftlb/nftlb/bench/internal/benchkit"
 	"github.com/nftlb/nftlb/internal/lab"
 )
 
@@ -29,24 +30,24 @@ type env struct {
 	o        options
 	l        *lab.Lab
 	dir      string
-	backends []*proc
+	backends []*benchkit.Proc
+	closeLab func()
 }
 
 // setupEnv builds the lab, tunes the client and LB namespaces for many
 // short connections, and starts the backends. On error everything it made
 // is gone again; otherwise call teardown.
 func setupEnv(ctx context.Context, o options, dir string) (_ *env, err error) {
-	l, err := lab.New(lab.Options{Backends: 3})
+	l, closeLab, err := benchkit.NewLab("lab", 3)
 	if err != nil {
 		return nil, err
 	}
-	e := &env{o: o, l: l, dir: dir}
+	e := &env{o: o, l: l, dir: dir, closeLab: closeLab}
 	defer func() {
 		if err != nil {
 			e.teardown()
 		}
 	}()
-	progress("lab namespaces %s-{c,lb,b1,b2,b3}", l.Prefix)
 	// Only inside the lab's namespaces (ip netns exec sysctl).
 	for _, s := range tunedSysctls {
 		ns := l.Client
@@ -62,7 +63,7 @@ func setupEnv(ctx context.Context, o options, dir string) (_ *env, err error) {
 		if o.pin {
 			args = append([]string{"taskset", "-c", backendCPU}, args...)
 		}
-		p, err := startProc(b.NS, "backend "+b.Name, args[0], args[1:]...)
+		p, err := benchkit.Start(b.NS, benchkit.Spec{Name: "backend " + b.Name, Args: args})
 		if err != nil {
 			return nil, err
 		}
@@ -100,18 +101,15 @@ var tunedSysctls = []struct{ ns, key, value string }{
 
 func (e *env) teardown() {
 	for _, p := range e.backends {
-		p.stop()
+		p.Stop()
 	}
-	progress("tearing down the lab %s", e.l.Prefix)
-	if err := e.l.Close(); err != nil {
-		progress("teardown: %v", err)
-	}
+	e.closeLab()
 }
 
 // ready GETs base+"/small" from the client until three GETs in a row
 // succeed (30 s at most): the path works and ARP entries exist. It gives
 // up early when p (if not nil) exits.
-func (e *env) ready(ctx context.Context, base string, p *proc) error {
+func (e *env) ready(ctx context.Context, base string, p *benchkit.Proc) error {
 	deadline := time.Now().Add(30 * time.Second)
 	ok := 0
 	var last error
@@ -127,8 +125,8 @@ func (e *env) ready(ctx context.Context, base string, p *proc) error {
 		if ctx.Err() != nil {
 			return ctx.Err()
 		}
-		if p != nil && !p.alive() {
-			return fmt.Errorf("%s exited (%v) before %s/small served: %w", p.name, p.err, base, last)
+		if p != nil && !p.Alive() {
+			return fmt.Errorf("%s exited (%v) before %s/small served: %w", p.Name, p.Err(), base, last)
 		}
 		if time.Now().After(deadline) {
 			return fmt.Errorf("not serving %s/small after 30s: %w", base, last)
@@ -146,8 +144,8 @@ func cleanupCtx() (context.Context, context.CancelFunc) {
 
 // running is a started contender.
 type running struct {
-	url  string // http://host[:port], without path
-	lb   *proc  // the LB's user-space process, if any (nftlb, HAProxy)
+	url  string         // http://host[:port], without path
+	lb   *benchkit.Proc // the LB's user-space process, if any (nftlb, HAProxy)
 	stop func() error
 	// setup is how long starting took until the VIP served (nftlb:
 	// process start to "ruleset applied"; nft -f: the command).
@@ -213,17 +211,17 @@ func startNftlb(ctx context.Context, e *env, pools int) (_ *running, err error) 
 		return nil, err
 	}
 	t0 := time.Now()
-	d, err := startProc(e.l.LB, "nftlb", e.o.bin, "run", "-config", path, "-log-format", "json")
+	d, err := benchkit.StartNftlb(e.l.LB, e.o.bin, path, nil)
 	if err != nil {
 		return nil, err
 	}
 	stop := func() error {
-		for _, le := range d.out.entries0() {
-			if le.Msg == "backend state changed" && le.str("to") != "up" {
-				progress("  nftlb: %s", le.Raw)
+		for _, le := range d.Log.Since(0) {
+			if le.Msg == "backend state changed" && le.Str("to") != "up" {
+				benchkit.Progress("  nftlb: %s", le.Raw)
 			}
 		}
-		d.stop()
+		d.Stop()
 		// SIGTERM leaves the rules in the kernel; remove the table.
 		cctx, cancel := cleanupCtx()
 		defer cancel()
@@ -237,16 +235,16 @@ func startNftlb(ctx context.Context, e *env, pools int) (_ *running, err error) 
 			}
 		}
 	}()
-	applied, err := d.waitFor(ctx, 3*time.Minute, func(le logEntry) bool { return le.Msg == "ruleset applied" })
+	applied, _, err := d.WaitFor(ctx, 0, 3*time.Minute, benchkit.Match("ruleset applied"))
 	if err != nil {
 		return nil, err
 	}
 	setup := time.Since(t0)
 	if err := e.ready(ctx, vipURL(), d); err != nil {
-		return nil, fmt.Errorf("nftlb: %w; its log:\n%s", err, tail(d.out.String(), 20))
+		return nil, fmt.Errorf("nftlb: %w; its log:\n%s", err, benchkit.Tail(d.Log.String(), 20))
 	}
 	return &running{url: vipURL(), lb: d, stop: stop, setup: setup,
-		note: fmt.Sprintf("first apply (netlink transaction) %v", applied.dur("duration").Round(time.Millisecond))}, nil
+		note: fmt.Sprintf("first apply (netlink transaction) %v", applied.Dur("duration").Round(time.Millisecond))}, nil
 }
 
 // Scenario 2 watches the nftlb daemon's CPU, with no load, for daemonIdle
@@ -268,15 +266,15 @@ func startNftlbTable(ctx context.Context, e *env, pools int) (*running, error) {
 		return nil, err
 	}
 	// Skip the first probe round's spread-out start, then measure.
-	if err := sleep(ctx, daemonSettle); err != nil {
+	if err := benchkit.Sleep(ctx, daemonSettle); err != nil {
 		return nil, errors.Join(err, r.stop())
 	}
-	c0, err := procCPU(r.lb.Pid())
+	c0, err := benchkit.ProcCPUTotal(r.lb.Pid())
 	if err == nil {
 		t0 := time.Now()
-		if err = sleep(ctx, daemonIdle); err == nil {
+		if err = benchkit.Sleep(ctx, daemonIdle); err == nil {
 			var c1 time.Duration
-			if c1, err = procCPU(r.lb.Pid()); err == nil {
+			if c1, err = benchkit.ProcCPUTotal(r.lb.Pid()); err == nil {
 				r.idleCPU = 100 * float64(c1-c0) / float64(time.Since(t0))
 			}
 		}
@@ -285,9 +283,9 @@ func startNftlbTable(ctx context.Context, e *env, pools int) (*running, error) {
 		return nil, errors.Join(err, r.stop())
 	}
 	if !e.o.keepDaemon {
-		r.lb.stop() // SIGTERM: the rules stay; r.stop removes them
-		if r.lb.err != nil {
-			return nil, errors.Join(fmt.Errorf("nftlb did not exit cleanly on SIGTERM: %w", r.lb.err), r.stop())
+		r.lb.Stop() // SIGTERM: the rules stay; r.stop removes them
+		if r.lb.Err() != nil {
+			return nil, errors.Join(fmt.Errorf("nftlb did not exit cleanly on SIGTERM: %w", r.lb.Err()), r.stop())
 		}
 		r.lb = nil
 		r.note += "; daemon stopped before the loads, its table left in place"
@@ -335,15 +333,15 @@ func startHAProxy(ctx context.Context, e *env) (_ *running, err error) {
 	if _, err := e.l.LB.Run(ctx, "ip", "addr", "add", vipLo, "dev", "lo"); err != nil {
 		return nil, err
 	}
-	var hp *proc
+	var hp *benchkit.Proc
 	stop := func() error {
 		if hp != nil {
-			for _, le := range hp.out.entries0() {
+			for _, le := range hp.Log.Since(0) {
 				if strings.Contains(le.Raw, "DOWN") {
-					progress("  haproxy: %s", le.Raw)
+					benchkit.Progress("  haproxy: %s", le.Raw)
 				}
 			}
-			hp.stop()
+			hp.Stop()
 		}
 		cctx, cancel := cleanupCtx()
 		defer cancel()
@@ -359,11 +357,11 @@ func startHAProxy(ctx context.Context, e *env) (_ *running, err error) {
 	}()
 	t0 := time.Now()
 	// -db: foreground, no master process; the pid is HAProxy's only process.
-	if hp, err = startProc(e.l.LB, "haproxy", "haproxy", "-db", "-f", path); err != nil {
+	if hp, err = benchkit.Start(e.l.LB, benchkit.Spec{Name: "haproxy", Args: []string{"haproxy", "-db", "-f", path}}); err != nil {
 		return nil, err
 	}
 	if err := e.ready(ctx, vipURL(), hp); err != nil {
-		return nil, fmt.Errorf("haproxy: %w; its output:\n%s", err, tail(hp.out.String(), 20))
+		return nil, fmt.Errorf("haproxy: %w; its output:\n%s", err, benchkit.Tail(hp.Log.String(), 20))
 	}
 	return &running{url: vipURL(), lb: hp, stop: stop, setup: time.Since(t0)}, nil
 }

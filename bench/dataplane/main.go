@@ -34,13 +34,13 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
-	"os/signal"
 	"path/filepath"
 	"runtime"
 	"strconv"
 	"strings"
-	"syscall"
 	"time"
+
+	"github.com/nftlb/nftlb/bench/internal/benchkit"
 )
 
 type options struct {
@@ -74,14 +74,7 @@ func main() {
 		fmt.Fprintln(os.Stderr, "dataplane: want -runs >= 1, -duration whole seconds >= 1s, -scenario 1|2|all, -scale-pools 1,N,... (1 <= N < 32768, first 1)", err)
 		os.Exit(2)
 	}
-	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
-	defer stop()
-	ctx, cancel := context.WithTimeout(ctx, o.deadline)
-	defer cancel()
-	if err := run(ctx, o); err != nil {
-		fmt.Fprintln(os.Stderr, "dataplane:", err)
-		os.Exit(1)
-	}
+	benchkit.Run("dataplane", o.deadline, func(ctx context.Context) error { return run(ctx, o) })
 }
 
 func parsePools(s string) ([]int, error) {
@@ -99,23 +92,16 @@ func parsePools(s string) ([]int, error) {
 	return ns, nil
 }
 
-func progress(format string, args ...any) {
-	fmt.Fprintf(os.Stderr, "[%s] "+format+"\n", append([]any{time.Now().Format("15:04:05.000")}, args...)...)
-}
-
 func run(ctx context.Context, o options) error {
-	if os.Geteuid() != 0 {
-		return errors.New("needs root (network namespaces, nftables)")
+	if err := benchkit.NeedRoot(); err != nil {
+		return err
 	}
 	start := time.Now()
-	abs, err := filepath.Abs(o.bin)
+	bin, err := benchkit.NftlbBinary(o.bin)
 	if err != nil {
 		return err
 	}
-	if _, err := os.Stat(abs); err != nil {
-		return fmt.Errorf("%w (build it: go build -o bin/nftlb ./cmd/nftlb)", err)
-	}
-	o.bin = abs
+	o.bin = bin
 	for _, tool := range []string{"wrk", "haproxy", "nft", "ip", "taskset", "conntrack"} {
 		if _, err := exec.LookPath(tool); err != nil {
 			return fmt.Errorf("%s not found (bench/install.sh installs wrk and haproxy): %w", tool, err)
@@ -128,7 +114,7 @@ func run(ctx context.Context, o options) error {
 	defer os.RemoveAll(dir)
 	if o.backendBin == "" {
 		o.backendBin = filepath.Join(dir, "backend")
-		progress("building bench/backend")
+		benchkit.Progress("building bench/backend")
 		out, err := exec.CommandContext(ctx, "go", "build", "-o", o.backendBin, "github.com/nftlb/nftlb/bench/backend").CombinedOutput()
 		if err != nil {
 			return fmt.Errorf("go build bench/backend: %w: %s", err, out)
@@ -163,7 +149,7 @@ func run(ctx context.Context, o options) error {
 		printScenario2(o, s2)
 	}
 	fmt.Printf("\nWall time of the whole program: %v (load average at end: %s). Waited %v in total for other processes to leave the CPUs (budget %v); repeated %d disturbed measurement(s) (at most %d).\n",
-		time.Since(start).Round(time.Second), loadavg(), quietSpent, quietBudget, retriesUsed, maxRetries)
+		time.Since(start).Round(time.Second), benchkit.Loadavg(), quietSpent, quietBudget, retriesUsed, maxRetries)
 	return nil
 }
 
@@ -210,14 +196,14 @@ func waitQuiet(ctx context.Context, exclude map[int]bool) error {
 	const step = 400 * time.Millisecond
 	for quietSpent < quietBudget {
 		before := snapForeign(exclude)
-		if err := sleep(ctx, step); err != nil {
+		if err := benchkit.Sleep(ctx, step); err != nil {
 			return err
 		}
 		used, top, _ := snapForeign(exclude).since(before)
 		if pct := 100 * float64(used) / float64(step); pct <= disturbedPct {
 			return nil
 		} else if quietSpent == 0 || quietSpent%(5*time.Second) == 0 {
-			progress("  waiting for a quieter machine: other processes use %.0f%% of a core (most: %s)", pct, top)
+			benchkit.Progress("  waiting for a quieter machine: other processes use %.0f%% of a core (most: %s)", pct, top)
 		}
 		quietSpent += step
 	}
@@ -235,8 +221,8 @@ func measure(ctx context.Context, e *env, r *running, ld load) (sample, error) {
 	}
 	retriesLeft--
 	retriesUsed++
-	progress("  disturbed (other processes used %.0f%% of a core): %s; repeating it", s.foreign, s.brief())
-	if err := sleep(ctx, time.Second); err != nil {
+	benchkit.Progress("  disturbed (other processes used %.0f%% of a core): %s; repeating it", s.foreign, s.brief())
+	if err := benchkit.Sleep(ctx, time.Second); err != nil {
 		return s, err
 	}
 	s2, err := measureOnce(ctx, e, r, ld)
@@ -278,7 +264,7 @@ func measureOnce(ctx context.Context, e *env, r *running, ld load) (sample, erro
 	}
 	proc0 := make([]time.Duration, len(pids))
 	for i, pid := range pids {
-		if proc0[i], err = procCPU(pid); err != nil {
+		if proc0[i], err = benchkit.ProcCPUTotal(pid); err != nil {
 			return sample{}, err
 		}
 	}
@@ -308,7 +294,7 @@ func measureOnce(ctx context.Context, e *env, r *running, ld load) (sample, erro
 		s.foreignTop = fmt.Sprintf("%s %.0f%%", top, 100*float64(topCPU)/float64(s.wall))
 	}
 	for i, pid := range pids {
-		c, err := procCPU(pid)
+		c, err := benchkit.ProcCPUTotal(pid)
 		if err != nil {
 			return sample{}, err
 		}
@@ -328,17 +314,6 @@ func measureOnce(ctx context.Context, e *env, r *running, ld load) (sample, erro
 	return s, nil
 }
 
-func sleep(ctx context.Context, d time.Duration) error {
-	t := time.NewTimer(d)
-	defer t.Stop()
-	select {
-	case <-t.C:
-		return nil
-	case <-ctx.Done():
-		return ctx.Err()
-	}
-}
-
 // --- scenario 1 ---
 
 var loads1 = []load{loadNew, loadKeepAlive, loadBulk}
@@ -356,7 +331,7 @@ func runScenario1(ctx context.Context, e *env) (*scenario1, error) {
 	res := &scenario1{samples: map[string]map[string][]sample{}, setup: map[string][]time.Duration{}, notes: map[string]string{}}
 	for run := 1; run <= e.o.runs; run++ {
 		for _, c := range contenders {
-			progress("scenario 1, run %d/%d: (%s) %s: starting", run, e.o.runs, c.key, c.name)
+			benchkit.Progress("scenario 1, run %d/%d: (%s) %s: starting", run, e.o.runs, c.key, c.name)
 			r, err := c.start(ctx, e)
 			if err != nil {
 				return nil, fmt.Errorf("(%s) %s: %w", c.key, c.name, err)
@@ -371,7 +346,7 @@ func runScenario1(ctx context.Context, e *env) (*scenario1, error) {
 					if err != nil {
 						return err
 					}
-					progress("  (%s) %-9s %s", c.key, ld.key, s.brief())
+					benchkit.Progress("  (%s) %-9s %s", c.key, ld.key, s.brief())
 					if res.samples[c.key] == nil {
 						res.samples[c.key] = map[string][]sample{}
 					}
@@ -432,13 +407,13 @@ func runScenario2(ctx context.Context, e *env) (*scenario2, error) {
 	res := &scenario2{}
 	for _, n := range e.o.scalePools {
 		for _, sh := range shapes {
-			progress("scenario 2: %s with %d pool(s): loading", sh.key, n)
+			benchkit.Progress("scenario 2: %s with %d pool(s): loading", sh.key, n)
 			r, err := sh.start(ctx, e, n)
 			if err != nil {
 				return nil, fmt.Errorf("scenario 2, %s, %d pools: %w", sh.key, n, err)
 			}
 			sr := &scaleRun{shape: sh.key, pools: n, setup: r.setup, note: r.note, idleCPU: r.idleCPU, samples: map[string][]sample{}}
-			progress("  loaded in %v %s", r.setup.Round(time.Millisecond), r.note)
+			benchkit.Progress("  loaded in %v %s", r.setup.Round(time.Millisecond), r.note)
 			sr.tableSize = tableSize(ctx, e)
 			err = func() error {
 				for run := 1; run <= e.o.runs; run++ {
@@ -447,7 +422,7 @@ func runScenario2(ctx context.Context, e *env) (*scenario2, error) {
 						if err != nil {
 							return err
 						}
-						progress("  run %d/%d %-9s %s", run, e.o.runs, ld.key, s.brief())
+						benchkit.Progress("  run %d/%d %-9s %s", run, e.o.runs, ld.key, s.brief())
 						sr.samples[ld.key] = append(sr.samples[ld.key], s)
 					}
 				}
@@ -484,14 +459,14 @@ func tableSize(ctx context.Context, e *env) string {
 func printHeader(o options, start time.Time) {
 	fmt.Printf("# nftlb data-plane benchmark\n\n")
 	fmt.Printf("- started %s; machine: nproc %s, kernel %s, CPU %q, load average %s\n",
-		start.UTC().Format(time.RFC3339), cmdOut("nproc"), readTrim("/proc/sys/kernel/osrelease"), cpuModel(), loadavg())
+		start.UTC().Format(time.RFC3339), cmdOut("nproc"), benchkit.Kernel(), cpuModel(), benchkit.Loadavg())
 	fmt.Printf("- tools: %s (this program), %s, %s, %s\n", runtime.Version(), wrkVersion(), cmdOut("haproxy", "-v"), cmdOut("nft", "--version"))
 	pin := "not pinned (the scheduler places wrk, backends, HAProxy and softirq work on both CPUs; -pin pins wrk to CPU 0 and the backends to CPU 1, " +
 		"which starved them whenever other work on this shared VM held that CPU: see bench/dataplane/README.md)"
 	if o.pin {
 		pin = "wrk pinned to CPU 0, the three backends to CPU 1 (taskset); HAProxy and nftlb not pinned"
 	}
-	fmt.Printf("- flags: -runs %d -duration %v -scenario %s -scale-pools %s -pin=%v -scale-keep-daemon=%v\n", o.runs, o.duration, o.scenario, joinInts(o.scalePools), o.pin, o.keepDaemon)
+	fmt.Printf("- flags: -runs %d -duration %v -scenario %s -scale-pools %s -pin=%v -scale-keep-daemon=%v\n", o.runs, o.duration, o.scenario, benchkit.JoinInts(o.scalePools), o.pin, o.keepDaemon)
 	fmt.Printf("- CPU placement: %s\n", pin)
 	var tuned []string
 	for _, s := range tunedSysctls {
@@ -502,15 +477,7 @@ func printHeader(o options, start time.Time) {
 		"wrk -t %d from the client ns: new connections = `-c 50 -H 'Connection: close' /small` (64-byte body, one TCP connection per request), "+
 		"keep-alive = `-c 50 /small`, bulk = `-c 4 /big` (10 MiB bodies); %d run(s) of %v each, median reported; latency percentiles from wrk --latency of the keep-alive run\n\n",
 		wrkThreads, o.runs, o.duration)
-	progress("starting; output tables follow on stdout at the end")
-}
-
-func joinInts(ns []int) string {
-	var s []string
-	for _, n := range ns {
-		s = append(s, strconv.Itoa(n))
-	}
-	return strings.Join(s, ",")
+	benchkit.Progress("starting; output tables follow on stdout at the end")
 }
 
 func cmdOut(name string, args ...string) string {
@@ -528,11 +495,6 @@ func wrkVersion() string {
 	return s
 }
 
-func readTrim(path string) string {
-	b, _ := os.ReadFile(path)
-	return strings.TrimSpace(string(b))
-}
-
 func cpuModel() string {
 	b, _ := os.ReadFile("/proc/cpuinfo")
 	for line := range strings.Lines(string(b)) {
@@ -541,12 +503,4 @@ func cpuModel() string {
 		}
 	}
 	return "?"
-}
-
-func loadavg() string {
-	f := strings.Fields(readTrim("/proc/loadavg"))
-	if len(f) < 3 {
-		return "?"
-	}
-	return strings.Join(f[:3], " ")
 }

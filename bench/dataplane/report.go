@@ -5,6 +5,8 @@ import (
 	"slices"
 	"strings"
 	"time"
+
+	"github.com/nftlb/nftlb/bench/internal/benchkit"
 )
 
 func (s sample) brief() string {
@@ -39,26 +41,13 @@ func backendCells(pcts []float64) string {
 
 func gbit(bps float64) float64 { return bps * 8 / 1e9 }
 
-func median(xs []float64) float64 {
-	if len(xs) == 0 {
-		return 0
-	}
-	s := slices.Clone(xs)
-	slices.Sort(s)
-	n := len(s)
-	if n%2 == 1 {
-		return s[n/2]
-	}
-	return (s[n/2-1] + s[n/2]) / 2
-}
-
 // med is the median of f over the samples.
 func med(ss []sample, f func(sample) float64) float64 {
 	var xs []float64
 	for _, s := range ss {
 		xs = append(xs, f(s))
 	}
-	return median(xs)
+	return benchkit.MedianFloat(xs)
 }
 
 func medDur(ss []sample, f func(sample) time.Duration) time.Duration {
@@ -164,7 +153,7 @@ func printScenario1(o options, res *scenario1) {
 		for i, x := range d {
 			ds[i] = float64(x)
 		}
-		p := fmt.Sprintf("(%s) %s", c.key, fmtDur(time.Duration(median(ds))))
+		p := fmt.Sprintf("(%s) %s", c.key, fmtDur(time.Duration(benchkit.MedianFloat(ds))))
 		if n := res.notes[c.key]; n != "" {
 			p += " (" + n + ")"
 		}

@@ -15,6 +15,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/nftlb/nftlb/bench/internal/benchkit"
 	"github.com/nftlb/nftlb/internal/lab"
 )
 
@@ -104,18 +105,11 @@ type runResult struct {
 }
 
 func runFailover(ctx context.Context, o options, p profile, dir string) (map[string][]runResult, error) {
-	progress("part 1 %s: building the lab (client, LB, b1 b2 b3)", p.name)
-	l, err := lab.New(lab.Options{Backends: 3})
+	l, closeLab, err := benchkit.NewLab("part 1 "+p.name, 3)
 	if err != nil {
 		return nil, err
 	}
-	defer func() {
-		progress("part 1: tearing down the lab")
-		if err := l.Close(); err != nil {
-			progress("teardown: %v", err)
-		}
-	}()
-	progress("part 1: lab namespaces %s-*", l.Prefix)
+	defer closeLab()
 	h := &failLab{Lab: l}
 	for _, b := range l.Backends {
 		w, err := b.ServeTCP(apiPort)
@@ -128,21 +122,21 @@ func runFailover(ctx context.Context, o options, p profile, dir string) (map[str
 		}
 		h.who, h.http = append(h.who, w), append(h.http, s)
 	}
-	var d *daemon
+	var d *benchkit.Proc
 	var hp *haproxyRun
 	if p.contender == "haproxy" {
-		progress("part 1: starting haproxy (inter %v, timeout check %v, rise %d, fall %d, httpchk GET /readyz on %d) in %s", p.interval, p.timeout, rise, fall, healthPort, l.LB.Name)
+		benchkit.Progress("part 1: starting haproxy (inter %v, timeout check %v, rise %d, fall %d, httpchk GET /readyz on %d) in %s", p.interval, p.timeout, rise, fall, healthPort, l.LB.Name)
 		if hp, err = startHAProxy(ctx, l, dir, p); err != nil {
 			return nil, err
 		}
 		defer hp.stop()
-		d = hp.daemon
+		d = hp.Proc
 	} else {
-		progress("part 1: starting nftlb (interval %v, timeout %v, rise %d, fall %d, http /readyz on %d)", p.interval, p.timeout, rise, fall, healthPort)
+		benchkit.Progress("part 1: starting nftlb (interval %v, timeout %v, rise %d, fall %d, http /readyz on %d)", p.interval, p.timeout, rise, fall, healthPort)
 		if d, err = startDaemon(ctx, l, o.bin, dir, failoverConfig(p, l)); err != nil {
 			return nil, err
 		}
-		defer d.stop()
+		defer d.Stop()
 	}
 	for i := range 3 {
 		cctx, cancel := context.WithTimeout(ctx, connTO)
@@ -176,7 +170,7 @@ func runFailover(ctx context.Context, o options, p profile, dir string) (map[str
 			results[f.name] = append(results[f.name], r)
 			line := r.String()
 			fmt.Println(line)
-			progress("%s", line)
+			benchkit.Progress("%s", line)
 		}
 	}
 	fmt.Println("```")
@@ -368,7 +362,7 @@ func (p *load) finish() []attempt {
 	return p.attempts
 }
 
-func oneRun(ctx context.Context, o options, p profile, h *failLab, d *daemon, f fault, run int) (runResult, error) {
+func oneRun(ctx context.Context, o options, p profile, h *failLab, d *benchkit.Proc, f fault, run int) (runResult, error) {
 	vi := (run - 1) % len(h.Backends)
 	victim := h.Backends[vi]
 	target := fmt.Sprintf("%s:%d", victim.Addr, apiPort)
@@ -398,54 +392,54 @@ func oneRun(ctx context.Context, o options, p profile, h *failLab, d *daemon, f 
 		}
 	}()
 	r.jitter = 200*time.Millisecond + rand.N(p.interval)
-	if err := sleep(ctx, r.jitter); err != nil {
+	if err := benchkit.Sleep(ctx, r.jitter); err != nil {
 		return r, err
 	}
 
-	mark := d.logs.Len()
+	mark := d.Log.Len()
 	t0 := time.Now()
 	if err := f.break_(h, vi); err != nil {
 		return r, err
 	}
 	if took := time.Since(t0); took > 5*time.Millisecond {
-		progress("note: breaking %s took %v", victim.Name, took)
+		benchkit.Progress("note: breaking %s took %v", victim.Name, took)
 	}
 	bound := p.bound()
-	e, at, err := d.waitFor(ctx, mark, bound+10*time.Second, match("backend state changed", "pool", p.pool(), "backend", target, "to", "down"))
+	e, at, err := d.WaitFor(ctx, mark, bound+10*time.Second, benchkit.Match("backend state changed", "pool", p.pool(), "backend", target, "to", "down"))
 	if err != nil {
 		return r, fmt.Errorf("waiting for %s to be taken out: %w", target, err)
 	}
 	det := e.Time
 	r.detect = det.Sub(t0)
-	r.probe = e.str("probe")
+	r.probe = e.Str("probe")
 	var sdDet time.Time
 	if isHAProxy {
-		e2, _, err := d.waitFor(ctx, mark, bound+10*time.Second, match("backend state changed", "pool", haproxySDPool, "backend", target, "to", "down"))
+		e2, _, err := d.WaitFor(ctx, mark, bound+10*time.Second, benchkit.Match("backend state changed", "pool", haproxySDPool, "backend", target, "to", "down"))
 		if err != nil {
 			return r, fmt.Errorf("waiting for %s to be taken out of %s: %w", target, haproxySDPool, err)
 		}
 		sdDet = e2.Time
 		r.sdDetect = sdDet.Sub(t0)
 	} else {
-		if a, _, err := d.waitFor(ctx, at, 5*time.Second, match("ruleset applied")); err == nil {
-			r.apply = a.dur("duration")
+		if a, _, err := d.WaitFor(ctx, at, 5*time.Second, benchkit.Match("ruleset applied")); err == nil {
+			r.apply = a.Dur("duration")
 		} else {
 			return r, err
 		}
-		k, _, err := d.waitFor(ctx, at, 5*time.Second, match("probe to kernel", "backend", target, "to", "down"))
+		k, _, err := d.WaitFor(ctx, at, 5*time.Second, benchkit.Match("probe to kernel", "backend", target, "to", "down"))
 		if err != nil {
 			return r, err
 		}
-		r.kernel = k.dur("latency")
+		r.kernel = k.Dur("latency")
 		// The deciding probe ended `latency` before the "probe to kernel"
 		// line; the flush line comes when the worker is done.
-		if fl, _, err := d.waitFor(ctx, at, 2*time.Second, match("connections of failed backend flushed", "backend", target)); err == nil && r.kernel >= 0 {
+		if fl, _, err := d.WaitFor(ctx, at, 2*time.Second, benchkit.Match("connections of failed backend flushed", "backend", target)); err == nil && r.kernel >= 0 {
 			r.flushed = fl.Time.Sub(k.Time.Add(-r.kernel))
 		}
 	}
 
 	// New connections until detection + 1 s, then let those in flight end.
-	if err := sleep(ctx, time.Until(det.Add(time.Second+20*time.Millisecond))); err != nil {
+	if err := benchkit.Sleep(ctx, time.Until(det.Add(time.Second+20*time.Millisecond))); err != nil {
 		return r, err
 	}
 	attempts := ld.finish()
@@ -504,42 +498,28 @@ func oneRun(ctx context.Context, o options, p profile, h *failLab, d *daemon, f 
 
 	// Restore, at a random phase of the probe schedule too, and wait until
 	// nftlb has put the backend back.
-	if err := sleep(ctx, rand.N(p.interval)); err != nil {
+	if err := benchkit.Sleep(ctx, rand.N(p.interval)); err != nil {
 		return r, err
 	}
-	mark = d.logs.Len()
+	mark = d.Log.Len()
 	t1 := time.Now()
 	if err := f.fix(h, vi); err != nil {
 		return r, err
 	}
 	within := time.Duration(rise+1)*p.interval + p.timeout + 10*time.Second
-	up, at, err := d.waitFor(ctx, mark, within, match("backend state changed", "pool", p.pool(), "backend", target, "from", "down", "to", "up"))
+	up, at, err := d.WaitFor(ctx, mark, within, benchkit.Match("backend state changed", "pool", p.pool(), "backend", target, "from", "down", "to", "up"))
 	if err != nil {
 		return r, fmt.Errorf("waiting for %s to be back: %w", target, err)
 	}
 	r.back = up.Time.Sub(t1)
 	if isHAProxy {
-		if _, _, err := d.waitFor(ctx, mark, within, match("backend state changed", "pool", haproxySDPool, "backend", target, "from", "down", "to", "up")); err != nil {
+		if _, _, err := d.WaitFor(ctx, mark, within, benchkit.Match("backend state changed", "pool", haproxySDPool, "backend", target, "from", "down", "to", "up")); err != nil {
 			return r, fmt.Errorf("waiting for %s to be back in %s: %w", target, haproxySDPool, err)
 		}
 		return r, nil
 	}
-	if _, _, err := d.waitFor(ctx, at, 5*time.Second, match("probe to kernel", "backend", target, "to", "up")); err != nil {
+	if _, _, err := d.WaitFor(ctx, at, 5*time.Second, benchkit.Match("probe to kernel", "backend", target, "to", "up")); err != nil {
 		return r, err
 	}
 	return r, nil
-}
-
-func sleep(ctx context.Context, d time.Duration) error {
-	if d <= 0 {
-		return ctx.Err()
-	}
-	t := time.NewTimer(d)
-	defer t.Stop()
-	select {
-	case <-t.C:
-		return nil
-	case <-ctx.Done():
-		return ctx.Err()
-	}
 }

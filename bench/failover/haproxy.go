@@ -15,6 +15,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/nftlb/nftlb/bench/internal/benchkit"
 	"github.com/nftlb/nftlb/internal/lab"
 )
 
@@ -81,12 +82,12 @@ var (
 // haproxyParser turns HAProxy's server state lines into the entries the
 // runs wait for: "backend state changed" with pool (HAProxy backend),
 // backend (the server's address:port), from, to, probe (HAProxy's reason).
-func haproxyParser(l *lab.Lab) func(*logEntry) {
+func haproxyParser(l *lab.Lab) func(*benchkit.Entry) {
 	addr := map[string]string{}
 	for _, b := range l.Backends {
 		addr[b.Name] = fmt.Sprintf("%s:%d", b.Addr, apiPort)
 	}
-	return func(e *logEntry) {
+	return func(e *benchkit.Entry) {
 		m := rfc5424Line.FindStringSubmatch(e.Raw)
 		if m == nil {
 			return // HAProxy's own stderr copy of the line, start-up notices
@@ -108,7 +109,7 @@ func haproxyParser(l *lab.Lab) func(*logEntry) {
 
 // haproxyRun is a running HAProxy and what to undo after it.
 type haproxyRun struct {
-	*daemon
+	*benchkit.Proc
 	sock string
 	l    *lab.Lab
 }
@@ -129,17 +130,13 @@ func startHAProxy(ctx context.Context, l *lab.Lab, dir string, p profile) (*hapr
 		return nil, err
 	}
 	h := &haproxyRun{sock: sock, l: l}
-	d := &daemon{logs: newLogBook(), exited: make(chan struct{})}
-	d.logs.parse = haproxyParser(l)
 	// -db: foreground, no daemon. Not bound to ctx: stop() ends it.
-	d.cmd = l.LB.Command(context.Background(), "haproxy", "-db", "-f", cfgPath)
-	d.cmd.Stdout, d.cmd.Stderr = d.logs, d.logs
-	if err := d.cmd.Start(); err != nil {
+	hp, err := benchkit.Start(l.LB, benchkit.Spec{Name: "haproxy", Args: []string{"haproxy", "-db", "-f", cfgPath}, Parse: haproxyParser(l)})
+	if err != nil {
 		h.removeVIP()
-		return nil, fmt.Errorf("start haproxy: %w", err)
+		return nil, err
 	}
-	go func() { d.err = d.cmd.Wait(); close(d.exited) }()
-	h.daemon = d
+	h.Proc = hp
 	if err := h.waitFullHealth(ctx, 3*p.interval*(rise+fall)); err != nil {
 		h.stop()
 		return nil, err
@@ -149,13 +146,13 @@ func startHAProxy(ctx context.Context, l *lab.Lab, dir string, p profile) (*hapr
 
 func (h *haproxyRun) removeVIP() {
 	if _, err := h.l.LB.Run(context.Background(), "ip", "addr", "del", lab.VIP(1).String()+"/32", "dev", "lo"); err != nil {
-		progress("remove the VIP from the LB's lo: %v", err)
+		benchkit.Progress("remove the VIP from the LB's lo: %v", err)
 	}
 }
 
 // stop ends HAProxy (SIGTERM) and removes the VIP from lo.
 func (h *haproxyRun) stop() {
-	h.daemon.stop()
+	h.Proc.Stop()
 	h.removeVIP()
 }
 
@@ -218,13 +215,13 @@ func (h *haproxyRun) waitFullHealth(ctx context.Context, within time.Duration) e
 		}
 		last, lastErr = st, err
 		if time.Now().After(deadline) {
-			return fmt.Errorf("haproxy: servers not all fully up after %v (err %v): %v; end of its log:\n%s", within, lastErr, last, tail(h.logs.String(), 20))
+			return fmt.Errorf("haproxy: servers not all fully up after %v (err %v): %v; end of its log:\n%s", within, lastErr, last, benchkit.Tail(h.Log.String(), 20))
 		}
 		select {
 		case <-ctx.Done():
 			return ctx.Err()
-		case <-h.exited:
-			return fmt.Errorf("haproxy exited (%v); its log:\n%s", h.err, tail(h.logs.String(), 40))
+		case <-h.Exited():
+			return fmt.Errorf("haproxy exited (%v); its log:\n%s", h.Err(), benchkit.Tail(h.Log.String(), 40))
 		case <-time.After(100 * time.Millisecond):
 		}
 	}

@@ -25,17 +25,15 @@ package main
 
 import (
 	"context"
-	"errors"
 	"flag"
 	"fmt"
 	"os"
 	"os/exec"
-	"os/signal"
-	"path/filepath"
 	"runtime"
 	"strings"
-	"syscall"
 	"time"
+
+	"github.com/nftlb/nftlb/bench/internal/benchkit"
 )
 
 type options struct {
@@ -133,36 +131,24 @@ func main() {
 		fmt.Fprintln(os.Stderr, "failover: want -runs >= 0 (0: only the 1,000 pools), 1 <= -rate <= 1000, 0 < -timeout < -interval, -scale-backend who|silent, -scale-window >= 1s, -contender nftlb|haproxy|all (all: no -interval/-timeout)")
 		os.Exit(2)
 	}
-	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
-	defer stop()
-	if err := run(ctx, o); err != nil {
-		fmt.Fprintln(os.Stderr, "failover:", err)
-		os.Exit(1)
-	}
-}
-
-func progress(format string, args ...any) {
-	fmt.Fprintf(os.Stderr, "[%s] "+format+"\n", append([]any{time.Now().Format("15:04:05.000")}, args...)...)
+	benchkit.Run("failover", 0, func(ctx context.Context) error { return run(ctx, o) })
 }
 
 func run(ctx context.Context, o options) error {
-	if os.Geteuid() != 0 {
-		return errors.New("needs root (network namespaces, nftables)")
-	}
-	abs, err := filepath.Abs(o.bin)
-	if err != nil {
+	if err := benchkit.NeedRoot(); err != nil {
 		return err
 	}
 	profs := profilesOf(o)
-	if _, err := os.Stat(abs); err != nil && o.contender != "haproxy" {
-		return fmt.Errorf("%w (build it: go build -o bin/nftlb ./cmd/nftlb)", err)
+	bin, err := benchkit.NftlbBinary(o.bin)
+	if err != nil && o.contender != "haproxy" { // HAProxy alone does not run nftlb
+		return err
 	}
 	if o.contender != "nftlb" {
 		if _, err := exec.LookPath("haproxy"); err != nil {
 			return fmt.Errorf("%w (bench/install.sh installs it)", err)
 		}
 	}
-	o.bin = abs
+	o.bin = bin
 	dir, err := os.MkdirTemp("", "nftlb-bench-")
 	if err != nil {
 		return err
@@ -171,8 +157,8 @@ func run(ctx context.Context, o options) error {
 
 	start := time.Now()
 	fmt.Printf("# nftlb failover benchmark\n\n")
-	fmt.Printf("- started %s on %s, %d CPUs, kernel %s, %s\n", start.Format(time.RFC3339), hostname(), runtime.NumCPU(), kernel(), runtime.Version())
-	fmt.Printf("- load average at start: %s\n", loadavg())
+	fmt.Printf("- started %s on %s, %d CPUs, kernel %s, %s\n", start.Format(time.RFC3339), benchkit.Hostname(), runtime.NumCPU(), benchkit.Kernel(), runtime.Version())
+	fmt.Printf("- load average at start: %s\n", benchkit.Loadavg())
 	if o.contender == "nftlb" {
 		fmt.Printf("- flags: -runs %d -rate %d -interval %v -timeout %v (rise %d, fall %d) -scale-backend %s -scale-window %v\n",
 			o.runs, o.rate, o.interval, o.timeout, rise, fall, o.scaleBackend, o.scaleWindow)
@@ -196,7 +182,7 @@ func run(ctx context.Context, o options) error {
 		if fo[i], err = runFailover(ctx, o, p, dir); err != nil {
 			return fmt.Errorf("%s: %w", p.name, err)
 		}
-		progress("part 1 %s: %v", p.name, time.Since(t).Round(time.Second))
+		benchkit.Progress("part 1 %s: %v", p.name, time.Since(t).Round(time.Second))
 	}
 	var sc *scaleResult
 	if !o.skip && o.contender == "nftlb" {
@@ -217,7 +203,7 @@ func run(ctx context.Context, o options) error {
 	if sc != nil {
 		printScaleTable(sc)
 	}
-	fmt.Printf("\nload average at end: %s; total time %v\n", loadavg(), time.Since(start).Round(time.Second))
+	fmt.Printf("\nload average at end: %s; total time %v\n", benchkit.Loadavg(), time.Since(start).Round(time.Second))
 	return nil
 }
 
@@ -228,23 +214,4 @@ func haproxyVersion() string {
 	}
 	line, _, _ := strings.Cut(string(out), "\n")
 	return strings.TrimSpace(line)
-}
-
-func hostname() string {
-	h, _ := os.Hostname()
-	return h
-}
-
-func kernel() string {
-	b, _ := os.ReadFile("/proc/sys/kernel/osrelease")
-	return strings.TrimSpace(string(b))
-}
-
-func loadavg() string {
-	b, _ := os.ReadFile("/proc/loadavg")
-	f := strings.Fields(string(b))
-	if len(f) < 3 {
-		return "?"
-	}
-	return strings.Join(f[:3], " ")
 }

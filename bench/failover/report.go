@@ -8,6 +8,8 @@ import (
 	"strconv"
 	"strings"
 	"time"
+
+	"github.com/nftlb/nftlb/bench/internal/benchkit"
 )
 
 // median and worst (max) of durations; negative values ("did not
@@ -24,13 +26,7 @@ func medWorst(ds []time.Duration) (med, worst time.Duration, missing int) {
 	if len(ok) == 0 {
 		return -1, -1, missing
 	}
-	slices.Sort(ok)
-	n := len(ok)
-	med = ok[n/2]
-	if n%2 == 0 {
-		med = (ok[n/2-1] + ok[n/2]) / 2
-	}
-	return med, ok[n-1], missing
+	return benchkit.Median(ok), slices.Max(ok), missing
 }
 
 func durCell(ds []time.Duration) (string, string) {
@@ -43,18 +39,13 @@ func durCell(ds []time.Duration) (string, string) {
 }
 
 func intCell(xs []int) (string, string, int) {
-	s := slices.Clone(xs)
-	slices.Sort(s)
-	n := len(s)
-	med := float64(s[n/2])
-	if n%2 == 0 {
-		med = float64(s[n/2-1]+s[n/2]) / 2
-	}
+	fs := make([]float64, len(xs))
 	sum := 0
-	for _, x := range s {
+	for i, x := range xs {
+		fs[i] = float64(x)
 		sum += x
 	}
-	return fmt.Sprintf("%g", med), fmt.Sprint(s[n-1]), sum
+	return fmt.Sprintf("%g", benchkit.MedianFloat(fs)), fmt.Sprint(slices.Max(xs)), sum
 }
 
 func printFailoverTable(o options, p profile, res map[string][]runResult) {
@@ -286,7 +277,7 @@ func printScaleTable(s *scaleResult) {
 		fmt.Printf("| %s | %s | %s |\n", row.name, m, w)
 	}
 	fmt.Printf("| nftlb CPU while probing (utime+stime over %v) | %.1f%% of one core (user %v, sys %v) | |\n",
-		s.window.Round(time.Second), pct(s.user+s.sys, s.window), s.user, s.sys)
+		s.window.Round(time.Second), benchkit.Pct(s.user+s.sys, s.window), s.user, s.sys)
 	fmt.Printf("| nftlb RSS (VmRSS; peak VmHWM) | %s | %s |\n", s.rss, s.hwm)
 	fmt.Printf("| state changes of the 999 untouched pools | %d | |\n", s.spurious)
 	fmt.Printf("| slowest probe → kernel / apply of any event after start-up | | %s / %s |\n", ms(s.maxKernel), ms(s.maxApply))

@@ -9,6 +9,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/nftlb/nftlb/bench/internal/benchkit"
 	"github.com/nftlb/nftlb/internal/lab"
 )
 
@@ -23,12 +24,7 @@ const (
 )
 
 // scaleVIP is pool i's VIP: 198.18.100.1 .. 198.18.103.232 (in 198.18.100.0/22).
-func scaleVIP(i int) netip.Addr {
-	base := netip.MustParseAddr("198.18.100.0").As4()
-	n := uint32(base[0])<<24 | uint32(base[1])<<16 | uint32(base[2])<<8 | uint32(base[3])
-	n += uint32(i + 1)
-	return netip.AddrFrom4([4]byte{byte(n >> 24), byte(n >> 16), byte(n >> 8), byte(n)})
-}
+func scaleVIP(i int) netip.Addr { return benchkit.AddrAdd(netip.MustParseAddr("198.18.100.0"), i+1) }
 
 func poolName(i int) string { return fmt.Sprintf("p%04d", i) }
 
@@ -80,18 +76,11 @@ type scaleResult struct {
 }
 
 func runScale(ctx context.Context, o options, dir string) (*scaleResult, error) {
-	progress("part 2: building the lab for %d pools", scalePools)
-	l, err := lab.New(lab.Options{Backends: 3})
+	l, closeLab, err := benchkit.NewLab(fmt.Sprintf("part 2 (%d pools)", scalePools), 3)
 	if err != nil {
 		return nil, err
 	}
-	defer func() {
-		progress("part 2: tearing down the lab")
-		if err := l.Close(); err != nil {
-			progress("teardown: %v", err)
-		}
-	}()
-	progress("part 2: lab namespaces %s-*", l.Prefix)
+	defer closeLab()
 	// Pools 1..999 share b1..b3:6443. "who" greets at once, so nftlb's
 	// probe (connect, close) ends with a RST and leaves no TIME_WAIT;
 	// "silent" (an HTTP server) sends nothing first, like a TLS server, so
@@ -110,146 +99,106 @@ func runScale(ctx context.Context, o options, dir string) (*scaleResult, error) 
 		}
 	}
 	targets := scalePools * len(l.Backends)
-	progress("part 2: starting nftlb with %d pools, %d tcp probe targets every %v (backends: %s)", scalePools, targets, scaleInterval, o.scaleBackend)
+	benchkit.Progress("part 2: starting nftlb with %d pools, %d tcp probe targets every %v (backends: %s)", scalePools, targets, scaleInterval, o.scaleBackend)
 	t0 := time.Now()
 	d, err := startDaemon(ctx, l, o.bin, dir, scaleConfig(l))
 	if err != nil {
 		return nil, err
 	}
-	defer d.stop()
+	defer d.Stop()
 	res := &scaleResult{backend: o.scaleBackend}
 
 	// Every target's first result moves it unknown -> up.
-	deadline := time.Now().Add(60 * time.Second)
-	for {
-		up := map[string]bool{}
-		for _, e := range d.logs.Since(0) {
-			if e.Msg == "backend state changed" && e.str("to") == "up" {
-				up[e.str("pool")+"/"+e.str("backend")] = true
-			}
-		}
-		if len(up) >= targets {
-			break
-		}
-		if time.Now().After(deadline) {
-			return nil, fmt.Errorf("only %d of %d targets up after 60s; end of nftlb's log:\n%s", len(up), targets, tail(d.logs.String(), 20))
-		}
-		if err := sleep(ctx, 100*time.Millisecond); err != nil {
-			return nil, err
-		}
+	if err := d.WaitTargetsUp(ctx, 0, targets, 60*time.Second); err != nil {
+		return nil, err
 	}
 	res.startup = time.Since(t0)
-	startMark := d.logs.Len()
-	progress("part 2: all %d targets up %v after start", targets, res.startup.Round(time.Millisecond))
+	startMark := d.Log.Len()
+	benchkit.Progress("part 2: all %d targets up %v after start", targets, res.startup.Round(time.Millisecond))
 	for _, i := range []int{0, 1, scalePools - 1} {
 		addr := fmt.Sprintf("%s:%d", scaleVIP(i), scalePort)
-		cctx, cancel := context.WithTimeout(ctx, connTO)
-		var name string
-		if i == 0 || o.scaleBackend == "who" {
-			name, _, err = l.Who(cctx, l.Client, addr)
-		} else {
-			name, _, err = l.WhoHTTP(cctx, l.Client, "http://"+addr+"/")
-		}
-		cancel()
+		name, err := benchkit.Who(ctx, l, addr, i != 0 && o.scaleBackend != "who", connTO)
 		if err != nil {
 			return nil, fmt.Errorf("connection to pool %s at %s: %w", poolName(i), addr, err)
 		}
-		progress("part 2: %s (%s) -> %s", poolName(i), addr, name)
+		benchkit.Progress("part 2: %s (%s) -> %s", poolName(i), addr, name)
 	}
 	// afterStart summarizes the log since all targets were up.
 	afterStart := func() (changes int, maxKernel, maxApply time.Duration) {
-		for _, e := range d.logs.Since(startMark) {
+		for _, e := range d.Log.Since(startMark) {
 			switch {
-			case e.Msg == "backend state changed" && e.str("pool") != poolName(0):
+			case e.Msg == "backend state changed" && e.Str("pool") != poolName(0):
 				changes++
 			case e.Msg == "probe to kernel":
-				maxKernel = max(maxKernel, e.dur("latency"))
+				maxKernel = max(maxKernel, e.Dur("latency"))
 			case e.Msg == "ruleset applied":
-				maxApply = max(maxApply, e.dur("duration"))
+				maxApply = max(maxApply, e.Dur("duration"))
 			}
 		}
 		return
 	}
 
 	// Steady state: RSS and CPU while probing, with a timeline.
-	if err := sleep(ctx, 2*time.Second); err != nil {
+	if err := benchkit.Sleep(ctx, 2*time.Second); err != nil {
 		return nil, err
 	}
 	pid := d.Pid()
-	if comm, _ := os.ReadFile(fmt.Sprintf("/proc/%d/comm", pid)); strings.TrimSpace(string(comm)) != "nftlb" {
-		return nil, fmt.Errorf("pid %d is %q, not nftlb", pid, strings.TrimSpace(string(comm)))
-	}
-	progress("part 2: measuring nftlb's CPU over %v (pid %d)", o.scaleWindow, pid)
-	u0, s0, err := procCPU(pid)
-	if err != nil {
+	if err := benchkit.CheckComm(pid, "nftlb"); err != nil {
 		return nil, err
 	}
-	su0, ss0, _ := procCPU(os.Getpid())
-	w0 := time.Now()
-	pu, ps := u0, s0
+	benchkit.Progress("part 2: measuring nftlb's CPU over %v (pid %d)", o.scaleWindow, pid)
+	su0, ss0, _ := benchkit.ProcCPU(os.Getpid())
 	step := min(2*time.Second, o.scaleWindow)
-	for next := w0.Add(step); ; next = next.Add(step) {
-		last := !next.Before(w0.Add(o.scaleWindow))
-		if last {
-			next = w0.Add(o.scaleWindow)
-		}
-		if err := sleep(ctx, time.Until(next)); err != nil {
-			return nil, err
-		}
-		u, s, err := procCPU(pid)
-		if err != nil {
-			return nil, fmt.Errorf("nftlb: %w", err)
-		}
-		sm := sample{at: time.Since(w0), user: u - pu, sys: s - ps, timeWait: lbTimeWait(ctx, l), conntrack: lbConntrack(l)}
+	total, err := benchkit.SampleCPU(ctx, pid, o.scaleWindow, step, func(c benchkit.CPUSample) {
+		sm := sample{at: c.At, user: c.User, sys: c.Sys, timeWait: lbTimeWait(ctx, l), conntrack: benchkit.ConntrackCount(l.LB)}
 		sm.changes, sm.maxKernelSoFar, sm.slowestApplySoFar = afterStart()
-		pu, ps = u, s
 		res.samples = append(res.samples, sm)
-		progress("part 2: +%v nftlb cpu user %v sys %v, TIME_WAIT %s, conntrack %s, state changes of untouched pools %d",
+		benchkit.Progress("part 2: +%v nftlb cpu user %v sys %v, TIME_WAIT %s, conntrack %s, state changes of untouched pools %d",
 			sm.at.Round(time.Second), sm.user, sm.sys, sm.timeWait, sm.conntrack, sm.changes)
-		if last {
-			break
-		}
+	})
+	if err != nil {
+		return nil, fmt.Errorf("nftlb: %w", err)
 	}
-	res.window = time.Since(w0)
-	res.user, res.sys = pu-u0, ps-s0
-	su1, ss1, _ := procCPU(os.Getpid())
+	res.window = total.At
+	res.user, res.sys = total.User, total.Sys
+	su1, ss1, _ := benchkit.ProcCPU(os.Getpid())
 	res.selfCPU = su1 + ss1 - su0 - ss0
-	res.rss, res.hwm, res.threads = procStatus(pid, "VmRSS"), procStatus(pid, "VmHWM"), procStatus(pid, "Threads")
+	res.rss, res.hwm, res.threads = benchkit.ProcStatus(pid, "VmRSS"), benchkit.ProcStatus(pid, "VmHWM"), benchkit.ProcStatus(pid, "Threads")
 
 	// Kill b2's 7443 (a port only pool 0 uses): only pool 0 changes.
 	victim := l.Backends[1]
 	target := fmt.Sprintf("%s:%d", victim.Addr, changingPort)
 	missed := func(err error) error {
 		select {
-		case <-d.exited:
+		case <-d.Exited():
 			return err
 		default:
 		}
 		if ctx.Err() != nil {
 			return ctx.Err()
 		}
-		progress("part 2: %v", strings.SplitN(err.Error(), "\n", 2)[0])
+		benchkit.Progress("part 2: %v", strings.SplitN(err.Error(), "\n", 2)[0])
 		return nil
 	}
 	for run := 1; run <= scaleRepeats; run++ {
 		r := scaleRun{detect: -1, kernel: -1, apply: -1, kernelUp: -1}
-		if err := sleep(ctx, rand.N(scaleInterval)); err != nil { // a random phase of the probe schedule
+		if err := benchkit.Sleep(ctx, rand.N(scaleInterval)); err != nil { // a random phase of the probe schedule
 			return nil, err
 		}
-		mark := d.logs.Len()
+		mark := d.Log.Len()
 		t := time.Now()
 		if err := changing[1].Close(); err != nil {
 			return nil, err
 		}
-		e, at, err := d.waitFor(ctx, mark, 20*time.Second, match("backend state changed", "pool", poolName(0), "backend", target, "to", "down"))
+		e, at, err := d.WaitFor(ctx, mark, 20*time.Second, benchkit.Match("backend state changed", "pool", poolName(0), "backend", target, "to", "down"))
 		if err == nil {
 			r.detect = e.Time.Sub(t)
-			var a, k logEntry
-			if a, _, err = d.waitFor(ctx, at, 20*time.Second, match("ruleset applied")); err == nil {
-				r.apply, r.changed = a.dur("duration"), a.str("changed")
+			var a, k benchkit.Entry
+			if a, _, err = d.WaitFor(ctx, at, 20*time.Second, benchkit.Match("ruleset applied")); err == nil {
+				r.apply, r.changed = a.Dur("duration"), a.Str("changed")
 			}
-			if k, _, err = d.waitFor(ctx, at, 20*time.Second, match("probe to kernel", "pool", poolName(0), "backend", target, "to", "down")); err == nil {
-				r.kernel = k.dur("latency")
+			if k, _, err = d.WaitFor(ctx, at, 20*time.Second, benchkit.Match("probe to kernel", "pool", poolName(0), "backend", target, "to", "down")); err == nil {
+				r.kernel = k.Dur("latency")
 			}
 		}
 		if err != nil {
@@ -257,15 +206,15 @@ func runScale(ctx context.Context, o options, dir string) (*scaleResult, error) 
 				return nil, err
 			}
 		}
-		mark = d.logs.Len()
+		mark = d.Log.Len()
 		if changing[1], err = victim.ServeTCP(changingPort); err != nil {
 			return nil, err
 		}
-		_, at, err = d.waitFor(ctx, mark, 20*time.Second, match("backend state changed", "pool", poolName(0), "backend", target, "to", "up"))
+		_, at, err = d.WaitFor(ctx, mark, 20*time.Second, benchkit.Match("backend state changed", "pool", poolName(0), "backend", target, "to", "up"))
 		if err == nil {
-			var k logEntry
-			if k, _, err = d.waitFor(ctx, at, 20*time.Second, match("probe to kernel", "pool", poolName(0), "backend", target, "to", "up")); err == nil {
-				r.kernelUp = k.dur("latency")
+			var k benchkit.Entry
+			if k, _, err = d.WaitFor(ctx, at, 20*time.Second, benchkit.Match("probe to kernel", "pool", poolName(0), "backend", target, "to", "up")); err == nil {
+				r.kernelUp = k.Dur("latency")
 			}
 		}
 		if err != nil {
@@ -274,7 +223,7 @@ func runScale(ctx context.Context, o options, dir string) (*scaleResult, error) 
 			}
 		}
 		res.runs = append(res.runs, r)
-		progress("part 2: kill %d: detect %s, probe->kernel %s (apply %s, changed %s); back up: probe->kernel %s",
+		benchkit.Progress("part 2: kill %d: detect %s, probe->kernel %s (apply %s, changed %s); back up: probe->kernel %s",
 			run, ms(r.detect), ms(r.kernel), ms(r.apply), r.changed, ms(r.kernelUp))
 	}
 	res.spurious, res.maxKernel, res.maxApply = afterStart()
@@ -284,10 +233,10 @@ func runScale(ctx context.Context, o options, dir string) (*scaleResult, error) 
 	fmt.Println("```")
 	fmt.Printf("start -> all %d targets up: %v\n", targets, res.startup.Round(time.Millisecond))
 	fmt.Printf("steady state over %v: nftlb cpu user %v + sys %v = %.1f%% of one core; VmRSS %s, VmHWM %s, threads %s; this program (the lab's servers) cpu %v\n",
-		res.window.Round(time.Millisecond), res.user, res.sys, pct(res.user+res.sys, res.window), res.rss, res.hwm, res.threads, res.selfCPU)
+		res.window.Round(time.Millisecond), res.user, res.sys, benchkit.Pct(res.user+res.sys, res.window), res.rss, res.hwm, res.threads, res.selfCPU)
 	for _, sm := range res.samples {
 		fmt.Printf("  +%-4v nftlb cpu %5.1f%% (user %v, sys %v)  LB TIME_WAIT %-6s conntrack %-6s  untouched-pool state changes %d  slowest probe->kernel %s, apply %s\n",
-			sm.at.Round(time.Second), pct(sm.user+sm.sys, step), sm.user, sm.sys, sm.timeWait, sm.conntrack, sm.changes, orDash(sm.maxKernelSoFar), orDash(sm.slowestApplySoFar))
+			sm.at.Round(time.Second), benchkit.Pct(sm.user+sm.sys, step), sm.user, sm.sys, sm.timeWait, sm.conntrack, sm.changes, orDash(sm.maxKernelSoFar), orDash(sm.slowestApplySoFar))
 	}
 	for i, r := range res.runs {
 		fmt.Printf("kill %d of %s: detect=%s probe->kernel=%s apply=%s changed=%s | back up: probe->kernel=%s\n",
@@ -297,27 +246,6 @@ func runScale(ctx context.Context, o options, dir string) (*scaleResult, error) 
 		res.spurious, scalePools-1, ms(res.maxKernel), ms(res.maxApply))
 	fmt.Println("```")
 	return res, nil
-}
-
-func pct(part, whole time.Duration) float64 {
-	if whole <= 0 {
-		return 0
-	}
-	return 100 * float64(part) / float64(whole)
-}
-
-// lbConntrack reads the LB namespace's conntrack entry count.
-func lbConntrack(l *lab.Lab) string {
-	var n string
-	err := l.LB.Do(func() error {
-		b, err := os.ReadFile("/proc/sys/net/netfilter/nf_conntrack_count")
-		n = strings.TrimSpace(string(b))
-		return err
-	})
-	if err != nil {
-		return "?"
-	}
-	return n
 }
 
 // lbTimeWait reads the TIME_WAIT count from `ss -s` in the LB namespace.
