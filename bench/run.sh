@@ -2,12 +2,36 @@
 # make bench: every benchmark scenario in the network-namespace lab, one
 # after the other (never in parallel: they share the machine's 2 cores),
 # and docs/benchmarks.md regenerated from their output. Root; installs wrk
-# and haproxy if missing; bounded (about 12 minutes here).
+# and haproxy if missing.
+#
+# About 13 minutes on the 2-core VM, estimated from the programs' defaults
+# and the per-run costs of earlier runs (each part's time is printed to
+# stderr as it ends; compare them with these):
+#   dataplane      ~3.3 min  60 wrk runs x (2 s + ~0.45 s) + ~50 s of loads
+#                            (10,000 pools / rules), plus up to ~1 min of
+#                            waiting when other work holds the CPUs
+#   controlplane   ~3.5 min  mostly the 3 cold applies of 10,000 pools
+#                            (~23 s each) and their profiles (~75 s)
+#   failover all   ~4.8 min  5 runs per fault and profile: ~11 s per nftlb
+#                            run at 2 s checks, ~15 s per HAProxy run,
+#                            ~2 s per run at 200 ms checks
+#   go test -bench ~1 min
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ "$(id -u)" = 0 ] || { echo "make bench needs root (network namespaces, nftables)" >&2; exit 1; }
-bench/install.sh >&2
-go build -o bin/nftlb ./cmd/nftlb
+
+# part NAME CMD...: runs CMD and says on stderr how long it took.
+part() {
+  local name=$1 t0=$SECONDS
+  shift
+  "$@"
+  echo "make bench: $name took $((SECONDS - t0)) s" >&2
+}
+gobench() {
+  go test -run '^$' -bench . -benchtime 5x -count 1 ./internal/ruleset | grep -E '^(Benchmark|cpu:)'
+}
+
+part setup bash -c 'bench/install.sh >&2 && go build -o bin/nftlb ./cmd/nftlb'
 out=docs/benchmarks.md
 tmp=$(mktemp)
 trap 'rm -f "$tmp"' EXIT
@@ -35,20 +59,20 @@ start=$(date +%s)
   echo
   echo "## 1-2. Data plane and dispatch scale"
   echo
-  go run ./bench/dataplane -nftlb bin/nftlb
+  part dataplane go run ./bench/dataplane -nftlb bin/nftlb
   echo
   echo "## 3. Control plane"
   echo
-  go run ./bench/controlplane -nftlb bin/nftlb
+  part controlplane go run ./bench/controlplane -nftlb bin/nftlb
   echo
   echo "## 4. Failover"
   echo
-  go run ./bench/failover -nftlb bin/nftlb -contender all
+  part "failover -contender all" go run ./bench/failover -nftlb bin/nftlb -contender all
   echo
   echo "## Go benchmarks (render and apply, in a scratch namespace)"
   echo
   echo '```'
-  go test -run '^$' -bench . -benchtime 5x -count 1 ./internal/ruleset | grep -E '^(Benchmark|cpu:)'
+  part "go test -bench" gobench
   echo '```'
   echo
   echo "Total time of this run: $(( $(date +%s) - start )) s."
@@ -56,4 +80,4 @@ start=$(date +%s)
 mkdir -p docs
 mv "$tmp" "$out"
 trap - EXIT
-echo "wrote $out" >&2
+echo "wrote $out; make bench took $SECONDS s in all" >&2
