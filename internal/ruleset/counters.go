@@ -6,12 +6,11 @@ import (
 	"sync"
 
 	"github.com/google/nftables"
-	"github.com/google/nftables/expr"
 )
 
 // Counters are the kernel's counts in nftlb's table.
 type Counters struct {
-	Pools    map[string]uint64 // pool name -> new connections (its named counter)
+	Pools    map[string]uint64 // pool name -> new connections (its services element's counter)
 	Backends map[Endpoint]BackendCounters
 }
 
@@ -71,18 +70,17 @@ func (r *Reader) Counters(name string) (Counters, error) {
 func readCounters(c *nftables.Conn, name string) (Counters, error) {
 	tbl := nlTable(name)
 	out := Counters{Pools: map[string]uint64{}, Backends: map[Endpoint]BackendCounters{}}
-	objs, err := c.GetNamedObjects(tbl)
+	svc, err := c.GetSetElements(servicesSet(tbl))
 	if err != nil {
-		return out, fmt.Errorf("read counters of table ip %s: %w", name, err)
+		return out, fmt.Errorf("read map %s of table ip %s: %w", servicesMap, name, err)
 	}
-	for _, o := range objs {
-		no, ok := o.(*nftables.NamedObj)
-		if !ok || no.Type != nftables.ObjTypeCounter || !strings.HasPrefix(no.Name, "pool-") {
+	for _, el := range svc {
+		chain, err := gotoChain(el)
+		pool, ok := strings.CutPrefix(chain, "pool-")
+		if err != nil || !ok || el.Counter == nil {
 			continue
 		}
-		if ctr, ok := no.Obj.(*expr.Counter); ok {
-			out.Pools[strings.TrimPrefix(no.Name, "pool-")] = ctr.Packets
-		}
+		out.Pools[pool] = el.Counter.Packets
 	}
 	for _, set := range accountingSets(tbl) {
 		els, err := c.GetSetElements(set)

@@ -66,8 +66,8 @@ func TestRestartWithSameConfigSendsNothing(t *testing.T) {
 		t.Fatal(err)
 	}
 	ns.newConnection("198.18.100.1:6443", "198.18.100.1", "198.18.1.11")
-	counter := ns.nft("list", "counter", "ip", "nftlb", "pool-kube-apiserver")
-	if !strings.Contains(counter, "packets 1 ") {
+	counter := ns.nft("list", "map", "ip", "nftlb", "services")
+	if !strings.Contains(counter, "198.18.100.1 . tcp . 6443 counter packets 1 ") {
 		t.Fatalf("no connection counted:\n%s", counter)
 	}
 	before := ns.nft("-a", "list", "table", "ip", "nftlb")
@@ -81,7 +81,7 @@ func TestRestartWithSameConfigSendsNothing(t *testing.T) {
 	if after := ns.nft("-a", "list", "table", "ip", "nftlb"); after != before {
 		t.Errorf("table changed by an unchanged restart:\n%s\n---\n%s", before, after)
 	}
-	if got := ns.nft("list", "counter", "ip", "nftlb", "pool-kube-apiserver"); got != counter {
+	if got := ns.nft("list", "map", "ip", "nftlb", "services"); got != counter {
 		t.Errorf("counter changed:\n%s\n---\n%s", counter, got)
 	}
 }

@@ -4,17 +4,17 @@
 //
 // The table's shape (family ip, default name nftlb):
 //
-//	counter pool-NAME        new connections of one pool (named, so rule rewrites keep it)
 //	map slots-NNN            slot -> backend address . port, shared by the pools whose
 //	                         name hashes to NNN; each pool owns keys [base, base+size)
-//	map services             vip . l4proto . port -> goto pool-NAME
+//	map services             vip . l4proto . port -> goto pool-NAME, with a counter per
+//	                         element: the pool's new connections (rule rewrites keep it)
 //	chain prerouting         nat hook prerouting priority dstnat: one vmap lookup
 //	chain output             nat hook output priority -100: the same, for the LB host's own connections
 //	chain postrouting        nat hook postrouting priority srcnat: masquerade what we marked
 //	chain nudge              filter hook output priority raw: notrack nftlb's client nudges
 //	set backends-conn/-tx/-rx every configured backend, with per-element counters
 //	chain forward            filter hook forward priority filter: count DNATed traffic per backend
-//	chain pool-NAME          mark, count, dnat to numgen/jhash mod size offset base
+//	chain pool-NAME          mark, dnat to numgen/jhash mod size offset base
 //	                         map @slots-NNN (or reject when no backend is usable)
 //
 // Dispatch is a single hash lookup whatever the number of pools.
@@ -187,9 +187,8 @@ type Pool struct {
 	Slots []netip.AddrPort
 }
 
-// Chain and Counter name the pool's own objects in the table.
-func (p *Pool) Chain() string   { return "pool-" + p.Name }
-func (p *Pool) Counter() string { return "pool-" + p.Name }
+// Chain names the pool's own chain in the table.
+func (p *Pool) Chain() string { return "pool-" + p.Name }
 
 // SlotMap names the map a pool's slots live in: FNV-1a of the pool name,
 // so adding or removing other pools never moves it.

@@ -69,7 +69,6 @@ func queue(b batch, prev, next *Table, plan Plan) error {
 			ch := &nftables.Chain{Name: c.Old.Chain(), Table: tbl}
 			b.FlushChain(ch)
 			b.DelChain(ch)
-			b.DeleteObject(counterObj(tbl, c.Old))
 		case c.Old != nil && c.Rule:
 			b.FlushChain(&nftables.Chain{Name: c.New.Chain(), Table: tbl})
 		}
@@ -101,7 +100,6 @@ func queue(b batch, prev, next *Table, plan Plan) error {
 		switch {
 		case c.New == nil:
 		case c.Old == nil:
-			b.AddObj(counterObj(tbl, c.New))
 			ch := b.AddChain(&nftables.Chain{Name: c.New.Chain(), Table: tbl})
 			b.AddRule(poolRule(ch, c.New))
 		case c.Rule:
@@ -159,7 +157,6 @@ func queueFull(b batch, t *Table) error {
 	}
 	for i := range t.Pools {
 		p := &t.Pools[i]
-		b.AddObj(counterObj(tbl, p))
 		ch := b.AddChain(&nftables.Chain{Name: p.Chain(), Table: tbl})
 		b.AddRule(poolRule(ch, p))
 	}
@@ -337,7 +334,7 @@ func nlTable(name string) *nftables.Table {
 
 func servicesSet(tbl *nftables.Table) *nftables.Set {
 	return &nftables.Set{
-		Table: tbl, Name: servicesMap, IsMap: true, Concatenation: true,
+		Table: tbl, Name: servicesMap, IsMap: true, Concatenation: true, Counter: true,
 		KeyType:  nftables.MustConcatSetType(nftables.TypeIPAddr, nftables.TypeInetProto, nftables.TypeInetService),
 		DataType: nftables.TypeVerdict,
 	}
@@ -354,9 +351,6 @@ func slotSet(tbl *nftables.Table, name string) *nftables.Set {
 	}
 }
 
-func counterObj(tbl *nftables.Table, p *Pool) *nftables.NamedObj {
-	return &nftables.NamedObj{Table: tbl, Name: p.Counter(), Type: nftables.ObjTypeCounter, Obj: &expr.Counter{}}
-}
 
 func protoNum(p vip.Protocol) byte {
 	if p == vip.UDP {
@@ -414,14 +408,15 @@ func l4protoIs(p vip.Protocol) []expr.Any {
 	}
 }
 
-// poolRule is the pool chain's one rule: mark, count, then dnat through
-// the pool's keys of its slot map, or refuse at once when the pool has no usable backend (a reset
-// tells a client to try elsewhere; silence would make it wait for a timeout).
+// poolRule is the pool chain's one rule: mark, then dnat through the
+// pool's keys of its slot map, or refuse at once when the pool has no
+// usable backend (a reset tells a client to try elsewhere; silence would
+// make it wait for a timeout). The pool's connections are counted by its
+// services element.
 func poolRule(ch *nftables.Chain, p *Pool) *nftables.Rule {
-	counter := &expr.Objref{Type: int(nftables.ObjTypeCounter), Name: p.Counter()}
 	r := &nftables.Rule{Table: ch.Table, Chain: ch}
 	if len(p.Slots) == 0 {
-		r.Exprs = append([]expr.Any{counter}, l4protoIs(p.Protocol)...)
+		r.Exprs = l4protoIs(p.Protocol)
 		if p.Protocol == vip.UDP {
 			r.Exprs = append(r.Exprs, &expr.Reject{Type: unix.NFT_REJECT_ICMP_UNREACH, Code: 3 /* ICMP port unreachable */})
 		} else {
@@ -442,7 +437,6 @@ func poolRule(ch *nftables.Chain, p *Pool) *nftables.Rule {
 		&expr.Ct{Key: expr.CtKeyMARK, Register: 1},
 		setBit,
 		&expr.Ct{Key: expr.CtKeyMARK, SourceRegister: true, Register: 1},
-		counter,
 	}
 	r.Exprs = append(r.Exprs, l4protoIs(p.Protocol)...)
 	n := uint32(p.Size)

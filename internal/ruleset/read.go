@@ -258,6 +258,13 @@ func (r *reader) readPools() ([]Pool, error) {
 		if err != nil {
 			return nil, r.bad("map %s: element %s: %v", servicesMap, ep, err)
 		}
+		// The element's counter is the pool's connection count. (v0.3.0
+		// does not decode a set's counter flag; a table of an nftlb that
+		// used named counters fails here, or on its counters, and is
+		// replaced whole.)
+		if el.Counter == nil {
+			return nil, r.bad("map %s: element %s has no counter", servicesMap, ep)
+		}
 		pname, ok := strings.CutPrefix(chain, "pool-")
 		if !ok || pname == "" {
 			return nil, r.bad("map %s: element %s: goto %s, want a pool chain", servicesMap, ep, chain)
@@ -280,9 +287,6 @@ func (r *reader) readPools() ([]Pool, error) {
 func (r *reader) readPool(p *Pool) error {
 	if r.chains[p.Chain()] == nil {
 		return r.bad("chain %s: missing", p.Chain())
-	}
-	if r.objs[p.Counter()] == nil {
-		return r.bad("counter %s: missing", p.Counter())
 	}
 	rules, err := r.chainRules(p.Chain())
 	if err != nil {

@@ -374,17 +374,17 @@ func TestQueueShapes(t *testing.T) {
 			[]string{"flush-chain pool-p00009", "del-elements " + SlotMap("p00009") + "/6", "add-rule pool-p00009"}},
 		{"pool renamed: dispatch moves within the same transaction", prev, BuildOn(renamed, prev),
 			[]string{"del-elements services/1",
-				"flush-chain pool-p00003", "del-chain pool-p00003", "del-counter pool-p00003",
+				"flush-chain pool-p00003", "del-chain pool-p00003",
 				// Both maps hold other pools; maps are visited in name order.
 				"add-elements " + SlotMap("renamed") + "/6", "del-elements " + SlotMap("p00003") + "/6",
-				"add-counter pool-renamed", "add-chain pool-renamed", "add-rule pool-renamed",
+				"add-chain pool-renamed", "add-rule pool-renamed",
 				"add-elements services/1"}},
 		{"first apply replaces the table atomically", nil, Build(manyPools(1)),
 			[]string{"add-table nftlb", "del-table nftlb", "add-table nftlb",
 				// Elements after the rules: a rule binding a map walks its
 				// elements, and 10,000 such walks cost 12% of a cold apply.
 				"add-set " + SlotMap("p00000") + "/0",
-				"add-counter pool-p00000", "add-chain pool-p00000", "add-rule pool-p00000",
+				"add-chain pool-p00000", "add-rule pool-p00000",
 				"add-elements " + SlotMap("p00000") + "/6",
 				"add-set services/0", "add-elements services/1", "add-chain prerouting", "add-chain output", "add-chain postrouting", "add-chain nudge",
 				"add-rule prerouting", "add-rule output", "add-rule postrouting", "add-rule nudge",
@@ -485,8 +485,8 @@ func TestPlanDescribe(t *testing.T) {
 	ka := SlotMap("kube-apiserver")
 	for _, want := range []string{
 		"~ pool kube-apiserver 198.18.100.1:6443/tcp",
-		"-   chain pool-kube-apiserver: meta mark set meta mark | 0x00100000 ct mark set ct mark | 0x00100000 counter name \"pool-kube-apiserver\" meta l4proto tcp dnat ip to numgen inc mod 6 map @" + ka,
-		"+   chain pool-kube-apiserver: meta mark set meta mark | 0x00100000 ct mark set ct mark | 0x00100000 counter name \"pool-kube-apiserver\" meta l4proto tcp dnat ip to numgen inc mod 2 map @" + ka,
+		"-   chain pool-kube-apiserver: meta mark set meta mark | 0x00100000 ct mark set ct mark | 0x00100000 meta l4proto tcp dnat ip to numgen inc mod 6 map @" + ka,
+		"+   chain pool-kube-apiserver: meta mark set meta mark | 0x00100000 ct mark set ct mark | 0x00100000 meta l4proto tcp dnat ip to numgen inc mod 2 map @" + ka,
 		"-   slot: 2 -> 198.18.1.13:6443",
 		"- pool nodeport-http 198.18.100.2:80/tcp",
 		"+ pool np 198.18.100.2:80/tcp",

@@ -15,18 +15,15 @@ import (
 func (t *Table) Text() string {
 	var b strings.Builder
 	fmt.Fprintf(&b, "table ip %s {\n", t.Name)
-	for _, p := range t.Pools {
-		fmt.Fprintf(&b, "\tcounter %s {\n\t\tpackets 0 bytes 0\n\t}\n\n", p.Counter())
-	}
 	for _, m := range t.slotMaps() {
 		fmt.Fprintf(&b, "\tmap %s {\n\t\ttypeof numgen inc mod 1 : ip daddr . th dport\n", m.name)
 		writeElements(&b, slotElementsText(m.els))
 		b.WriteString("\t}\n\n")
 	}
-	b.WriteString("\tmap " + servicesMap + " {\n\t\ttype ipv4_addr . inet_proto . inet_service : verdict\n")
+	b.WriteString("\tmap " + servicesMap + " {\n\t\ttype ipv4_addr . inet_proto . inet_service : verdict\n\t\tcounter\n")
 	var svc []string
 	for _, p := range t.Pools {
-		svc = append(svc, p.dispatchKey()+" : goto "+p.Chain())
+		svc = append(svc, p.dispatchKey()+" counter packets 0 bytes 0 : goto "+p.Chain())
 	}
 	writeElements(&b, svc)
 	b.WriteString("\t}\n\n")
@@ -111,14 +108,13 @@ func (p *Pool) selectorText() string {
 }
 
 func (p *Pool) ruleText() string {
-	counter := fmt.Sprintf("counter name %q", p.Counter())
 	if len(p.Slots) == 0 {
 		if p.Protocol == vip.UDP {
 			// nft prints the implied protocol match away: "meta l4proto udp" stays.
-			return counter + " meta l4proto udp reject"
+			return "meta l4proto udp reject"
 		}
-		return counter + " reject with tcp reset"
+		return "reject with tcp reset"
 	}
-	return fmt.Sprintf("meta mark set meta mark | 0x%08x ct mark set ct mark | 0x%08x %s meta l4proto %s dnat ip to %s map @%s",
-		MasqMark, ConnMark, counter, p.Protocol, p.selectorText(), p.Map)
+	return fmt.Sprintf("meta mark set meta mark | 0x%08x ct mark set ct mark | 0x%08x meta l4proto %s dnat ip to %s map @%s",
+		MasqMark, ConnMark, p.Protocol, p.selectorText(), p.Map)
 }
