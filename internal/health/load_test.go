@@ -268,7 +268,7 @@ func runLoad() int {
 	lm.WaitFirst(ctx)
 	cancel()
 	rep.FirstRound = time.Since(start)
-	time.Sleep(3 * time.Second) // warm-up: past the first round's burst and jitter
+	time.Sleep(defaultWorkerIdle + time.Second) // warm-up: past the first round's burst, and its workers gone
 
 	dir := os.Getenv("NFTLB_HEALTH_PROFILE_DIR")
 	base := filepath.Join(dir, name+"-"+impl)

@@ -6,6 +6,8 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"runtime"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -302,5 +304,149 @@ func TestManagerUpdateRereadsRotatedFiles(t *testing.T) {
 	}
 	if st := m.Statuses()[0]; st.State != Up || st.Transitions != 1 {
 		t.Errorf("state lost across the rotation: %+v", st)
+	}
+}
+
+func inPool(pool string, n int, h vip.Health) Target {
+	t := target(n, h)
+	t.Pool, t.ID = pool, vip.BackendID(pool, t.Addr)
+	return t
+}
+
+// Type none targets are up from the moment they are configured, with no
+// goroutine or timer each: ten thousand of them once cost 118 MiB of
+// stacks and 18% of a core. A probed target that becomes none goes up
+// (from down: an event), and keeps its history.
+func TestManagerNoneTargetsCostNothing(t *testing.T) {
+	f := newFake()
+	m := newTestManager(t, f)
+	m.workerIdle = 10 * time.Millisecond
+	ev := collect(t, m)
+	base := runtime.NumGoroutine()
+	h := check(20 * time.Millisecond)
+	probed := inPool("p", 1, h)
+	f.set(probed.Addr, Unreachable, false)
+	if err := m.Update([]Target{probed}); err != nil {
+		t.Fatal(err)
+	}
+	ev.wait(t, probed.ID, Down)
+	if err := m.Update(nil); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, 10*time.Second, "the removed target's worker to leave", func() bool { return runtime.NumGoroutine() <= base })
+	probes := f.probes.Load()
+
+	none := vip.Health{Type: vip.CheckNone, Interval: time.Second, Timeout: time.Second, Rise: 2, Fall: 2}
+	var targets []Target
+	for i := range 10000 {
+		a := netip.AddrPortFrom(netip.AddrFrom4([4]byte{198, 18, byte(i >> 8), byte(i)}), 80)
+		targets = append(targets, Target{ID: vip.BackendID("n", a), Pool: "n", Addr: a, Check: none})
+	}
+	if err := m.Update(targets); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+	defer cancel()
+	m.WaitFirst(ctx)
+	if ctx.Err() != nil {
+		t.Fatal("WaitFirst waited for type none targets")
+	}
+	for _, s := range m.Statuses() {
+		if s.State != Up || s.Transitions != 1 || s.Last.Outcome != OK {
+			t.Fatalf("type none target: %+v", s)
+		}
+	}
+	waitFor(t, 10*time.Second, "every none target's event", func() bool {
+		ev.mu.Lock()
+		defer ev.mu.Unlock()
+		return len(ev.list) >= len(targets)
+	})
+	waitFor(t, 10*time.Second, "the event sender to leave", func() bool { return runtime.NumGoroutine() <= base })
+	if n := f.probes.Load() - probes; n != 0 {
+		t.Errorf("%d probes of type none targets", n)
+	}
+
+	// A probed target that is down becomes none: up at once.
+	if err := m.Update([]Target{probed}); err != nil {
+		t.Fatal(err)
+	}
+	ev.wait(t, probed.ID, Down)
+	probed.Check = none
+	if err := m.Update([]Target{probed}); err != nil {
+		t.Fatal(err)
+	}
+	if e := ev.wait(t, probed.ID, Up); e.From != Down {
+		t.Errorf("down to none: %+v", e)
+	}
+	if st := m.Statuses(); len(st) != 1 || st[0].State != Up || st[0].Transitions != 2 {
+		t.Errorf("after becoming none: %+v", st)
+	}
+}
+
+// Between probes a Manager has no goroutine per target: a thousand idle
+// targets cost heap entries, and the workers leave when idle.
+func TestManagerIdleTargetsHaveNoGoroutines(t *testing.T) {
+	f := newFake()
+	m := newTestManager(t, f)
+	m.workerIdle = 10 * time.Millisecond
+	ev := collect(t, m)
+	base := runtime.NumGoroutine()
+	h := check(time.Hour) // after the first probe: idle for a random part of an hour
+	var targets []Target
+	for i := range 1000 {
+		a := netip.AddrPortFrom(netip.AddrFrom4([4]byte{198, 18, byte(i >> 8), byte(i)}), 80)
+		targets = append(targets, Target{ID: vip.BackendID("p", a), Pool: "p", Addr: a, Check: h})
+	}
+	if err := m.Update(targets); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	m.WaitFirst(ctx)
+	waitFor(t, 10*time.Second, "every target's event", func() bool {
+		ev.mu.Lock()
+		defer ev.mu.Unlock()
+		return len(ev.list) >= len(targets)
+	})
+	waitFor(t, 10*time.Second, "idle workers to leave", func() bool { return runtime.NumGoroutine() <= base })
+	for _, s := range m.Statuses() {
+		if s.State != Up {
+			t.Fatalf("%+v", s)
+		}
+	}
+}
+
+// At most maxProbes probes are in flight; the others wait their turn and
+// every target still gets its results.
+func TestManagerBoundsProbesInFlight(t *testing.T) {
+	var inFlight, peak atomic.Int64
+	hung := proberFunc(func(ctx context.Context, _ netip.AddrPort) Result {
+		n := inFlight.Add(1)
+		defer inFlight.Add(-1)
+		for p := peak.Load(); n > p && !peak.CompareAndSwap(p, n); p = peak.Load() {
+		}
+		<-ctx.Done()
+		return done(time.Now(), Unreachable, ctx.Err())
+	})
+	m := NewManager()
+	m.maxProbes = 3
+	m.newProber = func(vip.Health) (Prober, error) { return hung, nil }
+	t.Cleanup(m.Stop)
+	ev := collect(t, m)
+	h := check(40 * time.Millisecond) // timeout 20ms
+	var targets []Target
+	for i := range 10 {
+		targets = append(targets, target(i, h))
+	}
+	if err := m.Update(targets); err != nil {
+		t.Fatal(err)
+	}
+	for _, x := range targets {
+		if e := ev.wait(t, x.ID, Down); !strings.Contains(errText(e.Result.Err), "no answer within 20ms") {
+			t.Errorf("%s: %+v", x.ID, e.Result)
+		}
+	}
+	if p := peak.Load(); p > 3 {
+		t.Errorf("%d probes in flight, bound 3", p)
 	}
 }
