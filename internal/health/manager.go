@@ -62,7 +62,10 @@ type Status struct {
 }
 
 // Manager checks targets on one shared schedule. What is probed is a
-// unit: one target's address with its probe settings.
+// unit: one address with one set of probe settings. Targets that need the
+// same probe (the same backend listed with the same check in several
+// pools) share a unit, so it is probed once per interval and its result
+// goes to each of them; rise/fall, state and events stay per target.
 //
 // Units wait in a heap ordered by their next probe. One timer wakes the
 // Manager when the earliest is due (rounded up to a tick, so that units
@@ -127,8 +130,9 @@ const (
 	defaultWorkerIdle = 2 * time.Second
 )
 
-// SetObserver makes f see every probe result, from the probe goroutines.
-// Call it before the first Update.
+// SetObserver makes f see every probe result, once per target that the
+// probe was for, from the probe goroutines. Call it before the first
+// Update.
 func (m *Manager) SetObserver(f func(Target, Result)) { m.observe = f }
 
 // checker is one target's health. Guarded by Manager.mu.
@@ -140,9 +144,8 @@ type checker struct {
 	slot    int           // its index in unit.subs
 }
 
-// unitKey is what makes a probe.
+// unitKey is what makes two targets' probes the same.
 type unitKey struct {
-	id    string         // the target's
 	addr  netip.AddrPort // where probes go
 	check vip.Health     // probeSettings of the check
 	files string         // fingerprint of the TLS files its prober was built from
@@ -243,7 +246,7 @@ func (m *Manager) Update(targets []Target) error {
 			continue
 		}
 		s := probeSettings(t.Check)
-		key := unitKey{id: t.ID, addr: t.probeAddr(), check: s, files: files[s]}
+		key := unitKey{addr: t.probeAddr(), check: s, files: files[s]}
 		if c.unit != nil && c.unit.key == key {
 			continue // same probe, same certificate files: nothing changes
 		}

@@ -307,10 +307,140 @@ func TestManagerUpdateRereadsRotatedFiles(t *testing.T) {
 	}
 }
 
+// settingsFakes gives every distinct probe settings a fake of its own, so
+// a test can count the probes of each unit.
+type settingsFakes struct {
+	mu     sync.Mutex
+	byKind map[vip.Health]*fakeProber
+	setup  func(f *fakeProber)
+}
+
+func (s *settingsFakes) newProber(h vip.Health) (Prober, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if f := s.byKind[h]; f != nil {
+		return f, nil
+	}
+	f := newFake()
+	if s.setup != nil {
+		s.setup(f)
+	}
+	s.byKind[h] = f
+	return f, nil
+}
+
+func (s *settingsFakes) of(h vip.Health) *fakeProber {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.byKind[probeSettings(h)]
+}
+
+// observations counts observer calls per target ID.
+type observations struct {
+	mu sync.Mutex
+	n  map[string]int
+}
+
+func observe(m *Manager) *observations {
+	o := &observations{n: map[string]int{}}
+	m.SetObserver(func(t Target, _ Result) { o.mu.Lock(); o.n[t.ID]++; o.mu.Unlock() })
+	return o
+}
+
+func (o *observations) count(id string) int { o.mu.Lock(); defer o.mu.Unlock(); return o.n[id] }
+
 func inPool(pool string, n int, h vip.Health) Target {
 	t := target(n, h)
 	t.Pool, t.ID = pool, vip.BackendID(pool, t.Addr)
 	return t
+}
+
+// One backend listed with the same check in three pools is probed once
+// per interval; each pool's target gets every result, applies its own
+// rise/fall and has its own events. A pool with other settings has a
+// probe of its own.
+func TestManagerSharesIdenticalProbes(t *testing.T) {
+	fakes := &settingsFakes{byKind: map[vip.Health]*fakeProber{}}
+	m := NewManager()
+	m.newProber = fakes.newProber
+	t.Cleanup(m.Stop)
+	obs := observe(m)
+	ev := collect(t, m)
+	h := check(20 * time.Millisecond)
+	quick, slow := h, h
+	quick.Fall = 1
+	slow.Fall = 3
+	a, b, c := inPool("a", 1, quick), inPool("b", 1, slow), inPool("c", 1, h)
+	other := h
+	other.Interval = 30 * time.Millisecond
+	d := inPool("d", 1, other)
+	if err := m.Update([]Target{a, b, c, d}); err != nil {
+		t.Fatal(err)
+	}
+	for _, x := range []Target{a, b, c, d} {
+		if e := ev.wait(t, x.ID, Up); e.Target.Pool != x.Pool || e.From != Unknown {
+			t.Errorf("first event of %s: %+v", x.ID, e)
+		}
+	}
+	shared, own := fakes.of(h), fakes.of(other)
+	if shared == nil || own == nil || shared == own {
+		t.Fatalf("probers: shared %p, own %p", shared, own)
+	}
+	shared.set(a.Addr, Unreachable, false)
+	// fall 1: down on the first failure; fall 3: on the third, later.
+	downA := ev.wait(t, a.ID, Down)
+	downB := ev.wait(t, b.ID, Down)
+	if downA.From != Up || downB.From != Up || !downB.Result.At.After(downA.Result.At) {
+		t.Errorf("fall per pool: a %+v, b %+v", downA, downB)
+	}
+	ev.wait(t, c.ID, Down)
+	m.Stop()
+	probes := int(shared.probes.Load())
+	for _, x := range []Target{a, b, c} {
+		// Each probe is observed once per target; a probe stopped in
+		// flight is not.
+		if n := obs.count(x.ID); n < probes-1 || n > probes {
+			t.Errorf("%s observed %d results of %d probes", x.ID, n, probes)
+		}
+	}
+	if shared.overlap.Load() {
+		t.Error("probes of the shared unit overlapped")
+	}
+	if n := obs.count(d.ID); n < 1 || int64(n) > own.probes.Load() {
+		t.Errorf("%s observed %d results of its own %d probes", d.ID, n, own.probes.Load())
+	}
+	st := map[string]Status{}
+	for _, s := range m.Statuses() {
+		st[s.ID] = s
+	}
+	if st[d.ID].State != Up || st[a.ID].State != Down || st[a.ID].Transitions != 2 {
+		t.Errorf("statuses: %+v", st)
+	}
+}
+
+// A target added to a backend that another pool already probes gets its
+// first result at once, not up to an interval later.
+func TestManagerNewTargetOfSharedProbeIsProbedAtOnce(t *testing.T) {
+	f := newFake()
+	m := newTestManager(t, f)
+	collect(t, m)
+	h := check(time.Hour) // after its first probe, the unit waits a random part of an hour
+	a := inPool("a", 1, h)
+	f.set(a.Addr, OK, false)
+	if err := m.Update([]Target{a}); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	m.WaitFirst(ctx)
+	b := inPool("b", 1, h)
+	if err := m.Update([]Target{a, b}); err != nil {
+		t.Fatal(err)
+	}
+	m.WaitFirst(ctx)
+	if ctx.Err() != nil || m.State(b.ID) != Up {
+		t.Fatalf("new target of a shared probe: %s after WaitFirst (%v)", m.State(b.ID), ctx.Err())
+	}
 }
 
 // Type none targets are up from the moment they are configured, with no

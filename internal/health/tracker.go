@@ -1,7 +1,8 @@
 // Package health decides which backends may take new connections. A
 // Prober runs one bounded check; a Tracker turns results into states with
-// rise/fall hysteresis (pure, no clock); a Manager runs one probe loop per
-// backend and reports state changes as Events.
+// rise/fall hysteresis (pure, no clock); a Manager schedules the probes of
+// every backend (one probe for the pools that check the same backend the
+// same way) and reports state changes as Events.
 package health
 
 import (
