@@ -450,3 +450,26 @@ func BenchmarkLoad(b *testing.B) {
 	}
 	b.Log(sb.String())
 }
+
+// BenchmarkTCPProbe is one tcp probe, as the Manager runs it (a context
+// with the check's timeout), with the prober before and after, against a
+// listener of a child process.
+func BenchmarkTCPProbe(b *testing.B) {
+	target := loopback(startBackends(b, 1)[0])
+	for _, impl := range []struct {
+		name   string
+		prober Prober
+	}{{"legacy", legacyTCPProber{}}, {"new", tcpProber{}}} {
+		b.Run(impl.name, func(b *testing.B) {
+			b.ReportAllocs()
+			for b.Loop() {
+				ctx, cancel := context.WithTimeout(context.Background(), loadHealth.Timeout)
+				r := impl.prober.Probe(ctx, target)
+				cancel()
+				if r.Outcome != OK {
+					b.Fatal(r)
+				}
+			}
+		})
+	}
+}
