@@ -8,8 +8,8 @@
 //     `nftlb render`); and the in-process cost of each step (config load,
 //     health start, Build, Apply) with Go heap figures;
 //  2. one backend's change while 1,000 / 10,000 pools exist: the Applier's
-//     Apply for a pool losing/regaining a backend (map + rule) and for a
-//     backend swapped (map only), 50 changes each;
+//     Apply for a pool's backend going down/up (health: map elements) and
+//     for a backend swapped in the config (map elements), 50 changes each;
 //  3. the daemon's RSS and CPU while it health-checks 1,000 pools x 3
 //     backends (tcp, every second) against real listening backends in a lab,
 //     and the TIME_WAIT sockets its probes leave in the LB namespace.
