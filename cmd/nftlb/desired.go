@@ -17,38 +17,50 @@ import (
 //   - No backend usable and on_all_down: serve-all: fail open, preferring
 //     backends that answer (unready, unknown) over ones that do not.
 func desiredTable(cfg *vip.Config, stateOf func(id string) health.State, kernel *ruleset.Table) *ruleset.Table {
-	usable := map[string]bool{}
+	// Indexed by pool and backend position, not by ID string: at 10,000
+	// pools this runs before every apply (IDs are built once, for stateOf).
+	usable := make(map[*vip.Pool][]bool, len(cfg.Pools))
 	for i := range cfg.Pools {
 		p := &cfg.Pools[i]
-		kp := (*ruleset.Pool)(nil)
-		if kernel != nil {
-			kp = kernel.Pool(p.Name)
-		}
+		use := make([]bool, len(p.Backends))
+		states := make([]health.State, len(p.Backends))
+		var kp *ruleset.Pool
 		serving := false
-		for _, b := range p.Backends {
-			switch stateOf(p.ID(b)) {
+		for j, b := range p.Backends {
+			states[j] = stateOf(p.ID(b))
+			switch states[j] {
 			case health.Up:
-				usable[p.ID(b)] = true
+				use[j] = true
 			case health.Unknown:
-				usable[p.ID(b)] = kp != nil && kp.Uses(b.Addr)
+				if kp == nil && kernel != nil {
+					kp = kernel.Pool(p.Name)
+				}
+				use[j] = kp != nil && kp.Uses(b.Addr)
 			}
-			serving = serving || usable[p.ID(b)]
+			serving = serving || use[j]
 		}
-		if serving || p.Health.OnAllDown != vip.AllDownServeAll {
-			continue
-		}
-		for _, b := range p.Backends {
-			if stateOf(p.ID(b)) != health.Down {
-				usable[p.ID(b)], serving = true, true
+		if !serving && p.Health.OnAllDown == vip.AllDownServeAll {
+			for j := range p.Backends {
+				if states[j] != health.Down {
+					use[j], serving = true, true
+				}
+			}
+			if !serving {
+				for j := range use {
+					use[j] = true
+				}
 			}
 		}
-		if !serving {
-			for _, b := range p.Backends {
-				usable[p.ID(b)] = true
-			}
-		}
+		usable[p] = use
 	}
 	// BuildOn keeps the kernel's key ranges, so a health change is map
 	// elements only and a restart with the same config sends nothing.
-	return ruleset.BuildOn(ruleset.FromConfig(cfg, func(p *vip.Pool, b vip.Backend) bool { return usable[p.ID(b)] }), kernel)
+	return ruleset.BuildOn(ruleset.FromConfig(cfg, func(p *vip.Pool, b vip.Backend) bool {
+		for j := range p.Backends {
+			if p.Backends[j].Addr == b.Addr {
+				return usable[p][j]
+			}
+		}
+		return false
+	}), kernel)
 }

@@ -131,11 +131,17 @@ type PoolSpec struct {
 // FromConfig derives the desired state from a validated config and a
 // predicate saying which backends may take new connections.
 func FromConfig(cfg *vip.Config, usable func(pool *vip.Pool, b vip.Backend) bool) Spec {
-	s := Spec{Table: cfg.Table, Masquerade: cfg.Masquerade}
+	s := Spec{Table: cfg.Table, Masquerade: cfg.Masquerade, Pools: make([]PoolSpec, 0, len(cfg.Pools))}
+	n := 0
+	for i := range cfg.Pools {
+		n += len(cfg.Pools[i].Backends)
+	}
+	s.Accounted = make([]Endpoint, 0, n)
 	for i := range cfg.Pools {
 		p := &cfg.Pools[i]
 		ps := PoolSpec{Name: p.Name, VIP: p.VIP, Port: p.Port, Protocol: p.Protocol, Scheduler: p.Scheduler,
 			Configured: p.Backends}
+		ps.Backends = make([]vip.Backend, 0, len(p.Backends))
 		for _, b := range p.Backends {
 			if usable(p, b) {
 				ps.Backends = append(ps.Backends, b)
@@ -248,9 +254,21 @@ func allocate(t, prev *Table) {
 	type span struct{ lo, hi uint64 } // [lo, hi)
 	taken := map[string][]span{}
 	var fresh []*Pool
+	var old []Pool
+	if prev != nil {
+		old = prev.Pools
+	}
+	k := 0 // both lists are sorted by name: one merge walk
 	for i := range t.Pools {
 		p := &t.Pools[i]
-		if q := prev.poolOrNil(p.Name); q != nil && q.Map == p.Map && q.Size == p.Size && q.Size > 0 {
+		for k < len(old) && old[k].Name < p.Name {
+			k++
+		}
+		var q *Pool
+		if k < len(old) && old[k].Name == p.Name {
+			q = &old[k]
+		}
+		if q != nil && q.Map == p.Map && q.Size == p.Size && q.Size > 0 {
 			s := span{uint64(q.Base), uint64(q.Base) + uint64(q.Size)}
 			free := s.hi <= 1<<32
 			for _, o := range taken[p.Map] {
@@ -285,13 +303,6 @@ func allocate(t, prev *Table) {
 		p.Base = uint32(lo)
 		taken[p.Map] = slices.Insert(spans, at, span{lo, lo + uint64(p.Size)})
 	}
-}
-
-func (t *Table) poolOrNil(name string) *Pool {
-	if t == nil {
-		return nil
-	}
-	return t.Pool(name)
 }
 
 // slotCount is a pool's fixed number of slots. Weights are reduced by
