@@ -351,7 +351,6 @@ func slotSet(tbl *nftables.Table, name string) *nftables.Set {
 	}
 }
 
-
 func protoNum(p vip.Protocol) byte {
 	if p == vip.UDP {
 		return unix.IPPROTO_UDP
