@@ -291,6 +291,19 @@ func (m *Manager) Update(targets []Target) error {
 			m.retire(u)
 		}
 	}
+	// Thousands of first probes due at the same instant would each take a
+	// worker at once: 3,000 goroutines whose grown stacks set the daemon's
+	// peak RSS (80 MiB at 3,000 targets). Spread a large batch over a few
+	// milliseconds per hundred targets (at most 100 ms, which the wait for
+	// the first round absorbs), so workers are reused as probes finish.
+	if n := len(created); n > firstBurst {
+		spread := min(time.Duration(n)*firstSpreadPer, maxFirstSpread)
+		for u := range created {
+			if u.next == now {
+				u.next += int64(jitter(spread))
+			}
+		}
+	}
 	for u := range created {
 		if u.blockers == 0 {
 			m.enqueue(u)
@@ -299,6 +312,12 @@ func (m *Manager) Update(targets []Target) error {
 	m.arm(now)
 	return nil
 }
+
+const (
+	firstBurst     = 256                    // first probes dialled at once, at most
+	firstSpreadPer = 30 * time.Microsecond  // per target beyond that: 3,000 targets over 90 ms
+	maxFirstSpread = 100 * time.Millisecond // never longer
+)
 
 func appendUnit(list []*unit, u *unit) []*unit {
 	if u == nil {
