@@ -57,6 +57,8 @@ start=$(date +%s)
   echo "A shared 2-core VM: load generator, kernel forwarding and backends compete for the same cores, so absolute"
   echo "numbers are low and vary between runs; compare the ratios measured side by side within one run."
   echo
+  echo "@@GOALS@@"
+  echo
   echo "## 1-2. Data plane and dispatch scale"
   echo
   part dataplane go run ./bench/dataplane -nftlb bin/nftlb
@@ -77,7 +79,20 @@ start=$(date +%s)
   echo
   echo "Total time of this run: $(( $(date +%s) - start )) s."
 } > "$tmp"
+# The goals every program checked (rows ending in **met** / **missed**),
+# gathered at the top.
+goals=$(mktemp)
+{
+  echo "## Goals at a glance"
+  echo
+  echo "Each row is repeated, with its context, in the scenario below it came from."
+  echo
+  echo "| goal | measured | |"
+  echo "|---|---|---|"
+  grep -E '^\| .* \| \*\*(met|missed)\*\* \|$' "$tmp" || true
+} > "$goals"
 mkdir -p docs
-mv "$tmp" "$out"
+awk -v g="$goals" '$0 == "@@GOALS@@" { while ((getline l < g) > 0) print l; next } { print }' "$tmp" > "$out"
+rm -f "$goals" "$tmp"
 trap - EXIT
 echo "wrote $out; make bench took $SECONDS s in all" >&2

@@ -186,7 +186,7 @@ var backendAddrs = []string{"198.18.1.11", "198.18.1.12", "198.18.1.13"}
 
 // configYAML is N pools x 3 backends (198.18.1.11-13:443), VIPs from
 // 198.18.128.1, port 443, with the given health block.
-func configYAML(n int, health string) string {
+func configYAML(n int, health string, portOf func(pool int) uint16) string {
 	var b strings.Builder
 	fmt.Fprintf(&b, "# written by bench/controlplane: %d pools x %d backends\nmetrics:\n  listen: 127.0.0.1:9742\nhealth:\n%spools:\n", n, len(backendAddrs), health)
 	for i := range n {
@@ -195,7 +195,7 @@ func configYAML(n int, health string) string {
 			if j > 0 {
 				b.WriteString(", ")
 			}
-			fmt.Fprintf(&b, "%s:%d", a, backendPort)
+			fmt.Fprintf(&b, "%s:%d", a, portOf(i))
 		}
 		b.WriteString("]\n")
 	}
@@ -203,8 +203,13 @@ func configYAML(n int, health string) string {
 }
 
 func writeConfig(dir string, n int, health, tag string) (string, error) {
+	return writeConfigPorts(dir, n, health, tag, func(int) uint16 { return backendPort })
+}
+
+// writeConfigPorts: pool i's backends listen on portOf(i).
+func writeConfigPorts(dir string, n int, health, tag string, portOf func(pool int) uint16) (string, error) {
 	path := filepath.Join(dir, fmt.Sprintf("%s-%d.yaml", tag, n))
-	return path, os.WriteFile(path, []byte(configYAML(n, health)), 0o644)
+	return path, os.WriteFile(path, []byte(configYAML(n, health, portOf)), 0o644)
 }
 
 func nftVersion() string {

@@ -50,6 +50,11 @@ type probeResult struct {
 	perfErr         string
 }
 
+// probePortBase: pool i's backends listen on probePortBase+i.
+const probePortBase = 20000
+
+func probePort(i int) uint16 { return uint16(probePortBase + i) }
+
 func probeHealth() string {
 	return fmt.Sprintf("  type: tcp\n  interval: %v\n  timeout: %v\n  rise: 2\n  fall: 3\n", probeInterval, probeTimeout)
 }
@@ -57,8 +62,8 @@ func probeHealth() string {
 func runProbe(ctx context.Context, o options, dir string) (*probeResult, error) {
 	n := o.probePools
 	res := &probeResult{pools: n, targets: n * len(backendAddrs), gomem: map[string]float64{}}
-	fmt.Printf("\n## 3. The daemon while health-checking\n\nA lab (client, LB, b1..b3; internal/lab), `nftlb run` in the LB namespace with %d pools × 3 backends, `type: tcp` checks every %v (timeout %v) of b1..b3:%d, where each backend runs a %s server (goroutines of this program). After every target is up and %v of warm-up, a %v window: nftlb's CPU (utime + stime, /proc/PID/stat), VmRSS, TIME_WAIT sockets in the LB namespace (`ss -Htan state time-wait`, counted), conntrack entries.\n\n```\n",
-		n, probeInterval, probeTimeout, backendPort, o.backend, probeWarmup, o.window)
+	fmt.Printf("\n## 3. The daemon while health-checking\n\nA lab (client, LB, b1..b3; internal/lab), `nftlb run` in the LB namespace with %d pools × 3 backends, `type: tcp` checks every %v (timeout %v); pool i's backends are b1..b3:%d+i, so every target is a distinct address:port and a real probe (nftlb probes an address:port that several pools check the same way only once), and each backend port runs a %s server (goroutines of this program). After every target is up and %v of warm-up, a %v window: nftlb's CPU (utime + stime, /proc/PID/stat), VmRSS, TIME_WAIT sockets in the LB namespace (`ss -Htan state time-wait`, counted), conntrack entries.\n\n```\n",
+		n, probeInterval, probeTimeout, probePortBase, o.backend, probeWarmup, o.window)
 	defer fmt.Println("```")
 	l, closeLab, err := benchkit.NewLab("probe", len(backendAddrs))
 	if err != nil {
@@ -70,11 +75,13 @@ func runProbe(ctx context.Context, o options, dir string) (*probeResult, error) 
 		if o.backend == "who" {
 			serve = b.ServeTCP
 		}
-		if _, err := serve(backendPort); err != nil {
-			return nil, err
+		for i := range n {
+			if _, err := serve(probePort(i)); err != nil {
+				return nil, err
+			}
 		}
 	}
-	cfgPath, err := writeConfig(dir, n, probeHealth(), "probe")
+	cfgPath, err := writeConfigPorts(dir, n, probeHealth(), "probe", probePort)
 	if err != nil {
 		return nil, err
 	}

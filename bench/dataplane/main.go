@@ -148,6 +148,7 @@ func run(ctx context.Context, o options) error {
 	if s2 != nil {
 		printScenario2(o, s2)
 	}
+	printGoals(s1, s2)
 	fmt.Printf("\nWall time of the whole program: %v (load average at end: %s). Waited %v in total for other processes to leave the CPUs (budget %v); repeated %d disturbed measurement(s) (at most %d).\n",
 		time.Since(start).Round(time.Second), benchkit.Loadavg(), quietSpent, quietBudget, retriesUsed, maxRetries)
 	return nil
