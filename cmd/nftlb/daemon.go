@@ -9,6 +9,7 @@ import (
 	"net/netip"
 	"os"
 	"os/signal"
+	"runtime/debug"
 	"sync/atomic"
 	"syscall"
 	"time"
@@ -164,6 +165,10 @@ func (d *daemon) start() error {
 	}
 	d.setConfig(cfg)
 	go d.driftScanner(cfg.Table)
+	// Start-up is the heaviest moment (parse, first probe round, the
+	// cold transaction, reading an old table back); the runtime would hand
+	// that memory back to the OS only over minutes. Return it now, once.
+	debug.FreeOSMemory()
 	return nil
 }
 

@@ -1,8 +1,9 @@
 // Package metrics exposes nftlb's Prometheus metrics. Connection and
-// traffic counts come from the kernel's own counters at scrape time (named
-// counter objects and per-element set counters that survive rule
-// rewrites, reloads and restarts), active connections from conntrack,
-// health from the probe manager; the control loop records the rest.
+// traffic counts come from the kernel's own counters at scrape time
+// (per-element counters of the services map and the accounting sets, which
+// survive rule rewrites, reloads and restarts), active connections from
+// conntrack, health from the probe manager; the control loop records the
+// rest. Handler streams the per-pool and per-backend families.
 package metrics
 
 import (
@@ -30,6 +31,7 @@ type Sources struct {
 
 // Metrics are the control loop's instruments plus the scrape-time collector.
 type Metrics struct {
+	src             Sources
 	Registry        *prometheus.Registry
 	ApplyDuration   prometheus.Histogram
 	ApplyErrors     prometheus.Counter
@@ -46,6 +48,7 @@ type Metrics struct {
 func New(src Sources, version string) *Metrics {
 	r := prometheus.NewRegistry()
 	m := &Metrics{
+		src:      src,
 		Registry: r,
 		ApplyDuration: prometheus.NewHistogram(prometheus.HistogramOpts{
 			Name: "nftlb_ruleset_apply_duration_seconds", Help: "Time to program one ruleset change (one netlink transaction).",
@@ -75,7 +78,7 @@ func New(src Sources, version string) *Metrics {
 	build.Set(1)
 	r.MustRegister(m.ApplyDuration, m.ApplyErrors, m.ReloadOK, m.ReloadTimestamp, m.Transitions,
 		m.ProbeDuration, m.ProbeToKernel, m.DriftRepairs, m.ClientsReset, build,
-		&collector{src: src}, collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
 }
 
@@ -87,121 +90,4 @@ func (m *Metrics) ReloadResult(ok bool, at time.Time) {
 		return
 	}
 	m.ReloadOK.Set(0)
-}
-
-var (
-	descPoolConns = prometheus.NewDesc("nftlb_pool_connections_total",
-		"New connections to a pool's VIP (its nftables named counter), refused ones included.", []string{"pool"}, nil)
-	descBackendConns = prometheus.NewDesc("nftlb_backend_connections_total",
-		"New connections DNATed to a backend and routed through the LB.", []string{"backend", "protocol"}, nil)
-	descBackendPackets = prometheus.NewDesc("nftlb_backend_packets_total",
-		"Packets of DNATed connections, to (tx) or from (rx) a backend.", []string{"backend", "protocol", "direction"}, nil)
-	descBackendBytes = prometheus.NewDesc("nftlb_backend_bytes_total",
-		"Bytes of DNATed connections, to (tx) or from (rx) a backend.", []string{"backend", "protocol", "direction"}, nil)
-	descActive = prometheus.NewDesc("nftlb_backend_active_connections",
-		"Connections to a backend open right now (conntrack, DNATed entries, TIME_WAIT excluded).", []string{"backend"}, nil)
-	descUp = prometheus.NewDesc("nftlb_backend_up",
-		"1 if the pool's rules send new connections to the backend, else 0.", []string{"pool", "backend"}, nil)
-	descState = prometheus.NewDesc("nftlb_backend_state",
-		"The backend's health state: 1 for the current one of unknown, up, unready, down.", []string{"pool", "backend", "state"}, nil)
-	descPoolUp = prometheus.NewDesc("nftlb_pool_backends_up",
-		"Backends the pool's rules send new connections to.", []string{"pool"}, nil)
-	descPoolBackends = prometheus.NewDesc("nftlb_pool_backends",
-		"Configured backends of a pool.", []string{"pool"}, nil)
-	descLastProbe = prometheus.NewDesc("nftlb_backend_last_probe_info",
-		"The last probe's outcome and a bounded reason (ok, refused, reset, timeout, unreachable, http_status, tls, other).",
-		[]string{"pool", "backend", "outcome", "reason"}, nil)
-	descScrapeErrors = prometheus.NewDesc("nftlb_scrape_errors",
-		"Sources that could not be read in this scrape (kernel counters, conntrack).", []string{"source"}, nil)
-)
-
-type collector struct{ src Sources }
-
-func (c *collector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{descPoolConns, descBackendConns, descBackendPackets, descBackendBytes,
-		descActive, descUp, descState, descPoolUp, descPoolBackends, descLastProbe, descScrapeErrors} {
-		ch <- d
-	}
-}
-
-func (c *collector) Collect(ch chan<- prometheus.Metric) {
-	cfg := c.src.Config()
-	if cfg == nil {
-		return
-	}
-	gauge := func(d *prometheus.Desc, v float64, labels ...string) {
-		ch <- prometheus.MustNewConstMetric(d, prometheus.GaugeValue, v, labels...)
-	}
-	counter := func(d *prometheus.Desc, v uint64, labels ...string) {
-		ch <- prometheus.MustNewConstMetric(d, prometheus.CounterValue, float64(v), labels...)
-	}
-	kernelErr, activeErr := 0.0, 0.0
-	if counts, err := c.src.Counters(cfg.Table); err != nil {
-		kernelErr = 1
-	} else {
-		for pool, n := range counts.Pools {
-			counter(descPoolConns, n, pool)
-		}
-		for e, b := range counts.Backends {
-			be, proto := e.Addr.String(), string(e.Protocol)
-			counter(descBackendConns, b.Connections, be, proto)
-			counter(descBackendPackets, b.TxPackets, be, proto, "tx")
-			counter(descBackendPackets, b.RxPackets, be, proto, "rx")
-			counter(descBackendBytes, b.TxBytes, be, proto, "tx")
-			counter(descBackendBytes, b.RxBytes, be, proto, "rx")
-		}
-	}
-	if c.src.Active != nil {
-		if active, err := c.src.Active(); err != nil {
-			activeErr = 1
-		} else {
-			seen := map[netip.AddrPort]bool{}
-			for i := range cfg.Pools {
-				for _, b := range cfg.Pools[i].Backends {
-					if !seen[b.Addr] {
-						seen[b.Addr] = true
-						gauge(descActive, float64(active[b.Addr]), b.Addr.String())
-					}
-				}
-			}
-		}
-	}
-	gauge(descScrapeErrors, kernelErr, "kernel_counters")
-	gauge(descScrapeErrors, activeErr, "conntrack")
-
-	states := map[string]health.Status{}
-	for _, s := range c.src.Health() {
-		states[s.ID] = s
-	}
-	applied := c.src.Applied()
-	for i := range cfg.Pools {
-		p := &cfg.Pools[i]
-		var ap *ruleset.Pool
-		if applied != nil {
-			ap = applied.Pool(p.Name)
-		}
-		up := 0
-		for _, b := range p.Backends {
-			s := states[p.ID(b)]
-			be := b.Addr.String()
-			v := 0.0
-			if ap != nil && ap.Uses(b.Addr) {
-				v = 1
-				up++
-			}
-			gauge(descUp, v, p.Name, be)
-			for _, st := range []health.State{health.Unknown, health.Up, health.Unready, health.Down} {
-				x := 0.0
-				if s.State == st {
-					x = 1
-				}
-				gauge(descState, x, p.Name, be, st.String())
-			}
-			if !s.Last.At.IsZero() {
-				gauge(descLastProbe, 1, p.Name, be, s.Last.Outcome.String(), health.Reason(s.Last))
-			}
-		}
-		gauge(descPoolUp, float64(up), p.Name)
-		gauge(descPoolBackends, float64(len(p.Backends)), p.Name)
-	}
 }
