@@ -31,7 +31,7 @@ fuzz:
 
 # Every benchmark scenario in the lab (data plane vs HAProxy and hand-written
 # rules, dispatch scale, control plane, failover); rewrites docs/benchmarks.md.
-# Root; installs wrk and haproxy if missing; about 13 minutes (bench/run.sh has the estimate per part).
+# Root; installs wrk and haproxy if missing; about 11.5 minutes (bench/run.sh has the estimate per part).
 bench:
 	bash bench/run.sh
 

@@ -4,18 +4,18 @@
 # and docs/benchmarks.md regenerated from their output. Root; installs wrk
 # and haproxy if missing.
 #
-# About 13 minutes on the 2-core VM, estimated from the programs' defaults
-# and the per-run costs of earlier runs (each part's time is printed to
-# stderr as it ends; compare them with these):
-#   dataplane      ~3.3 min  60 wrk runs x (2 s + ~0.45 s) + ~50 s of loads
-#                            (10,000 pools / rules), plus up to ~1 min of
-#                            waiting when other work holds the CPUs
-#   controlplane   ~3.5 min  mostly the 3 cold applies of 10,000 pools
-#                            (~23 s each) and their profiles (~75 s)
-#   failover all   ~4.8 min  5 runs per fault and profile: ~11 s per nftlb
+# About 11.5 minutes on the 2-core VM (the last run: dataplane 181 s with
+# 2 s wrk runs, controlplane 62 s, failover 299 s, go test -bench 32 s;
+# each part's time is printed to stderr as it ends):
+#   dataplane      ~5 min    60 wrk runs x (4 s + ~0.45 s) + loads of 10,000
+#                            pools / rules, plus up to ~1 min of waiting
+#                            when other work holds the CPUs
+#   controlplane   ~1 min    cold applies up to 10,000 pools, 2 x 50 changes
+#                            at 1,000 and 10,000 pools, the probing window
+#   failover all   ~5 min    5 runs per fault and profile: ~11 s per nftlb
 #                            run at 2 s checks, ~15 s per HAProxy run,
 #                            ~2 s per run at 200 ms checks
-#   go test -bench ~1 min
+#   go test -bench ~0.5 min
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ "$(id -u)" = 0 ] || { echo "make bench needs root (network namespaces, nftables)" >&2; exit 1; }

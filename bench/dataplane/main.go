@@ -61,7 +61,7 @@ func main() {
 	flag.StringVar(&o.bin, "nftlb", "bin/nftlb", "the nftlb binary to run (go build -o bin/nftlb ./cmd/nftlb)")
 	flag.StringVar(&o.backendBin, "backend", "", "the bench/backend binary (default: build ./bench/backend into a temporary directory)")
 	flag.IntVar(&o.runs, "runs", 3, "runs of every measurement; the median is reported")
-	flag.DurationVar(&o.duration, "duration", 2*time.Second, "length of each wrk run (whole seconds); 60 wrk runs at the defaults, so each second here adds a minute")
+	flag.DurationVar(&o.duration, "duration", 4*time.Second, "length of each wrk run (whole seconds); 60 wrk runs at the defaults, so each second here adds a minute")
 	flag.StringVar(&o.scenario, "scenario", "all", "1 (one VIP: plain routing, nftlb, HAProxy, seed rule), 2 (scale: N pools) or all")
 	flag.StringVar(&pools, "scale-pools", "1,10000", "scenario 2: total numbers of pools (or rules) to measure with; must start with 1, the baseline (each further N adds 12 wrk runs and its load time)")
 	flag.BoolVar(&o.pin, "pin", false, "pin wrk to CPU 0 and the backends to CPU 1 (taskset); off by default: see the README")
