@@ -79,7 +79,7 @@ func printGoals(o options, cold []coldResult, change []changeResult, probe *prob
 		// two full /metrics scrapes, which a Prometheus-watched daemon
 		// does every 15-30 s.
 		row(fmt.Sprintf("daemon under 50 MiB RSS while probing %d backends every second, between scrapes", probe.targets),
-			fmt.Sprintf("VmRSS max sampled over the window %s (VmHWM since exec %s, start-up)", mib(probe.maxRSS), mib(probe.hwm)), probe.maxRSS < goalRSSKB)
+			fmt.Sprintf("VmRSS max sampled over the window %s (peak since exec, start-up or inside a scrape: VmHWM %s)", mib(probe.maxRSS), mib(probe.hwm)), probe.maxRSS < goalRSSKB)
 		row(fmt.Sprintf("… and right after /metrics scrapes of %d pools", probe.pools),
 			fmt.Sprintf("VmRSS %s", mib(probe.rss)), probe.rss < goalRSSKB)
 		c := benchkit.Pct(probe.user+probe.sys, probe.window)
