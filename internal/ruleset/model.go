@@ -315,14 +315,7 @@ func slotCount(bs []vip.Backend) int {
 	if len(bs) == 0 {
 		return 0
 	}
-	g := 0
-	for _, b := range bs {
-		g = gcd(g, b.Weight)
-	}
-	w := 0
-	for _, b := range bs {
-		w += b.Weight / g
-	}
+	_, w := reducedWeights(bs)
 	l := 1
 	for k := 2; k <= min(len(bs), 5); k++ {
 		l = l / gcd(l, k) * k
@@ -334,6 +327,18 @@ func slotCount(bs []vip.Backend) int {
 		return w * ((60 + w - 1) / w)
 	}
 	return w
+}
+
+// reducedWeights divides the backends' weights by their gcd (weights 2,2
+// lay out like 1,1) and returns their common divisor and reduced sum.
+func reducedWeights(bs []vip.Backend) (g, sum int) {
+	for _, b := range bs {
+		g = gcd(g, b.Weight)
+	}
+	for _, b := range bs {
+		sum += b.Weight / g
+	}
+	return g, sum
 }
 
 func gcd(a, b int) int {
@@ -355,14 +360,7 @@ func assignSlots(conf, usable []vip.Backend, size int, sticky bool) []netip.Addr
 	if len(usable) == 0 || size == 0 {
 		return []netip.AddrPort{}
 	}
-	g := 0
-	for _, b := range conf {
-		g = gcd(g, b.Weight)
-	}
-	w := 0
-	for _, b := range conf {
-		w += b.Weight / g
-	}
+	g, w := reducedWeights(conf)
 	scaled := make([]int, len(conf))
 	for i, b := range conf {
 		scaled[i] = b.Weight / g * (size / w)
