@@ -4,8 +4,6 @@ import (
 	"bufio"
 	"context"
 	"fmt"
-	"io"
-	"net/http"
 	"os/exec"
 	"path/filepath"
 	"sort"
@@ -202,29 +200,11 @@ func probeCount(ctx context.Context, l *lab.Lab) (float64, error) {
 }
 
 // metricsText GETs the daemon's whole /metrics from inside the LB
-// namespace (lab.Get stops at 1 MiB; 1,000 pools make ~2 MB).
+// namespace.
 func metricsText(ctx context.Context, l *lab.Lab) (string, error) {
 	cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	defer cancel()
-	tr := &http.Transport{DialContext: l.LB.Dial, DisableKeepAlives: true}
-	defer tr.CloseIdleConnections()
-	req, err := http.NewRequestWithContext(cctx, http.MethodGet, "http://127.0.0.1:9742/metrics", nil)
-	if err != nil {
-		return "", err
-	}
-	resp, err := (&http.Client{Transport: tr}).Do(req)
-	if err != nil {
-		return "", err
-	}
-	defer resp.Body.Close()
-	b, err := io.ReadAll(io.LimitReader(resp.Body, 64<<20))
-	if err != nil {
-		return "", err
-	}
-	if resp.StatusCode != http.StatusOK {
-		return "", fmt.Errorf("GET /metrics: %s", resp.Status)
-	}
-	return string(b), nil
+	return l.Get(cctx, l.LB, "http://127.0.0.1:9742/metrics")
 }
 
 var goMemKeys = []string{

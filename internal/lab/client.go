@@ -86,7 +86,7 @@ func (l *Lab) Get(ctx context.Context, from *NS, url string) (string, error) {
 		return "", err
 	}
 	defer resp.Body.Close()
-	body, err := io.ReadAll(io.LimitReader(resp.Body, 1<<20))
+	body, err := io.ReadAll(io.LimitReader(resp.Body, 64<<20)) // /metrics of 1,000 pools is ~2 MB
 	if err != nil {
 		return "", fmt.Errorf("lab: GET %s: read body: %w", url, err)
 	}
